@@ -1,0 +1,38 @@
+"""Every environment variable sparsesync reads, with its default and type, in one place (README lists them)."""
+from __future__ import annotations
+
+import os
+
+VARIABLES = {
+    "SPARSESYNC_THREADS": ("0", "int", "CPU threads for native kernels; 0 = all cores"),
+    "SPARSESYNC_BUCKET_BYTES": (str(32 << 20), "int", "default bucket body size target in bytes"),
+    "SPARSESYNC_LIB": ("", "path", "load the native library from this path instead of the package directory"),
+    "SPARSESYNC_REFERENCE": ("0", "bool", "1 = use the pure-PyTorch reference kernels even if the native library loads"),
+    "SPARSESYNC_CUDA": ("auto", "0|1|auto", "build time: compile the CUDA sources (auto = when nvcc is found)"),
+}
+
+
+def _raw(name: str) -> str:
+    return os.environ.get(name, VARIABLES[name][0])
+
+
+def get_int(name: str) -> int:
+    raw = _raw(name)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def get_bool(name: str) -> bool:
+    raw = _raw(name).strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a boolean (use 0 or 1)")
+
+
+def threads() -> int:
+    n = get_int("SPARSESYNC_THREADS")
+    return n if n > 0 else (os.cpu_count() or 1)
