@@ -1,0 +1,598 @@
+"""Realistic weight-update trace for the sparsesync codec benchmark.
+
+Trains a small Llama-style decoder-only transformer (plain torch, CPU) the way RL post-training keeps its weights:
+fp32 master weights, AdamW at lr 1e-6, fp32 compute.  After a short warm-up at a large lr (so weights and Adam state
+are "trained-like" rather than at init) it snapshots every parameter as bf16 -- what a trainer would broadcast to its
+inference engines -- once before and once after each optimizer step.  Consecutive snapshots differ in the few elements
+whose fp32 master crossed a bf16 rounding boundary; that sparse difference is what sparsesync codes.
+
+    python bench/trace.py                      # default ~30M params, 8 steps, writes bench/out/trace.pt
+    python bench/trace.py --layers 1 --hidden 64 --steps 3 --out /tmp/t.pt
+
+Library use::
+
+    from bench.trace import make_trace, load_trace
+    tr = make_trace(layers=1, hidden=64, steps=2, warmup_steps=2, verbose=False)
+    tr["steps"][0]["layers.0.attn.q_proj.weight"]     # bf16 tensor
+
+Trace layout (a plain dict, saved with ``torch.save``; loadable with ``weights_only=True``)::
+
+    {"config": asdict(ModelConfig), "lr": float,
+     "steps": [ {name: bf16 tensor} for step 0 (after warm-up), 1 (after the first lr-step), ..., S ],
+     "meta": {...recipe, timings, per-step loss / change statistics...}}
+
+Data is a seeded synthetic language (a fixed sparse random bigram Markov chain over the vocabulary) so that the loss
+actually decreases; everything is seeded and computed in fp32 on CPU, so a run is reproducible for a given torch
+version and thread count.
+
+Measured on 2 CPU cores, torch 2.13 (default run, ~30 s in all): 32.0M params, ~0.86 s/step, 0.35-0.45% of bf16
+elements change per lr-step (slowly decreasing over the 8 steps), ~91% of them by +-1 ulp, ~3.7% by +-2, ~3% by more
+(near-zero weights, whose ulp is tiny).  The density is explained exactly by
+``sum_i min(1, lr * |m_hat_i / sqrt(v_hat_i)| / ulp_bf16(w_i)) / N`` -- the fp32 master sits uniformly inside its
+bf16 rounding interval -- with a mean Adam ratio ``|m_hat / sqrt(v_hat)|`` of only ~0.07 here, so the density depends
+on the optimizer history (e.g. a 60-step warm-up gives 0.31% rising to 0.62% over 10 lr-steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "ModelConfig",
+    "LlamaModel",
+    "SyntheticLanguage",
+    "bf16_snapshot",
+    "diff_stats",
+    "format_hist",
+    "make_trace",
+    "save_trace",
+    "load_trace",
+    "main",
+]
+
+DEFAULT_OUT = os.path.join("bench", "out", "trace.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    intermediate_size: Optional[int] = None  # None: Llama rule, 2/3 * 4h rounded up to a multiple of `multiple_of`
+    num_layers: int = 8
+    num_heads: Optional[int] = None  # None: hidden_size // 64 (at least 1)
+    num_kv_heads: Optional[int] = None  # None: num_heads // 2 (grouped-query attention, at least 1)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    multiple_of: int = 128
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            inter = int(2 * 4 * self.hidden_size / 3)
+            self.intermediate_size = self.multiple_of * ((inter + self.multiple_of - 1) // self.multiple_of)
+        if self.num_heads is None:
+            self.num_heads = max(1, self.hidden_size // 64)
+        if self.num_kv_heads is None:
+            self.num_kv_heads = max(1, self.num_heads // 2)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim), Llama/HF "rotate_half" convention
+    return emb.cos().float(), emb.sin().float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_heads
+        self.n_kv = cfg.num_kv_heads
+        self.hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only Llama-style LM: token embedding, pre-norm blocks (RMSNorm, RoPE GQA attention, SwiGLU MLP),
+    final RMSNorm, untied lm_head; all linears bias-free."""
+
+    def __init__(self, cfg: ModelConfig, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        # Llama / HF LlamaPreTrainedModel._init_weights: normal(0, initializer_range) for linears and embeddings,
+        # RMSNorm weights at 1.0.  Iterate in registration order so the init is a pure function of the seed.
+        for _, mod in self.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+            elif isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.embed_tokens(tokens)
+        for blk in self.layers:
+            x = blk(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: a seeded sparse bigram Markov chain ("synthetic language")
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SyntheticLanguage:
+    """A seeded, learnable synthetic language: a sparse bigram Markov chain with Zipfian token frequencies.
+
+    Tokens get Zipf(`zipf_s`) unigram probabilities over a random permutation of the vocabulary.  Every token has
+    `branching` successors drawn from that unigram distribution, with random weights.  Each next token follows the
+    bigram table with probability ``1 - mix`` and is a fresh unigram draw with probability `mix` (so rare tokens
+    still occur).  The loss falls quickly from ~log(vocab) as the model learns the token frequencies (lm_head /
+    embeddings), then slowly as it learns the transition table.  Fixed entirely by `seed`."""
+
+    def __init__(
+        self, vocab_size: int, branching: int = 4, zipf_s: float = 1.1, mix: float = 0.1, seed: int = 0
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.vocab_size = vocab_size
+        self.mix = mix
+        ranks = torch.arange(1, vocab_size + 1, dtype=torch.float64)
+        zipf = ranks.pow(-zipf_s)
+        zipf = zipf / zipf.sum()
+        perm = torch.randperm(vocab_size, generator=g)
+        self.unigram = torch.empty(vocab_size, dtype=torch.float64)
+        self.unigram[perm] = zipf
+        self.succ = torch.multinomial(self.unigram, vocab_size * branching, replacement=True, generator=g).view(
+            vocab_size, branching
+        )
+        w = -torch.log(torch.rand(vocab_size, branching, generator=g, dtype=torch.float64).clamp_min(1e-12))
+        self.probs = (w / w.sum(-1, keepdim=True)).float()
+        self.unigram_entropy = float(-(self.unigram * self.unigram.log()).sum())
+        p = self.probs.double()
+        # per-token entropy of the bigram part alone (the model's loss floor is roughly mixed between the two)
+        self.bigram_entropy = float(-(p * p.log()).sum(-1).mean())
+
+    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        uni = self.unigram.float()
+        toks = torch.empty(batch_size, seq_len, dtype=torch.long)
+        cur = torch.multinomial(uni, batch_size, replacement=True, generator=generator)
+        toks[:, 0] = cur
+        for i in range(1, seq_len):
+            j = torch.multinomial(self.probs[cur], 1, generator=generator).squeeze(1)
+            nxt = self.succ[cur, j]
+            fresh = torch.rand(batch_size, generator=generator) < self.mix
+            if bool(fresh.any()):
+                nxt = torch.where(
+                    fresh, torch.multinomial(uni, batch_size, replacement=True, generator=generator), nxt
+                )
+            cur = nxt
+            toks[:, i] = cur
+        return toks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Snapshots and change statistics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def bf16_snapshot(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: p.detach().to(torch.bfloat16).clone() for name, p in model.named_parameters()}
+
+
+def _group(name: str) -> str:
+    if "norm" in name:
+        return "norm"
+    if name.startswith("embed_tokens"):
+        return "embed"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+def diff_stats(old: Dict[str, torch.Tensor], new: Dict[str, torch.Tensor], top: int = 8) -> Dict[str, Any]:
+    """Bitwise change statistics between two bf16 snapshots.
+
+    Returns total / changed element counts, density, the histogram of int16 bit-pattern differences
+    (``new.view(int16) - old.view(int16)``) as a list of ``[delta, count]`` (descending count, all values), and
+    per-group (embed / attn / mlp / norm / lm_head) total and changed counts."""
+    total = 0
+    changed = 0
+    deltas: List[torch.Tensor] = []
+    groups: Dict[str, List[int]] = {}
+    for name, a in old.items():
+        b = new[name]
+        ai = a.view(torch.int16)
+        bi = b.view(torch.int16)
+        mask = ai != bi
+        n = a.numel()
+        c = int(mask.sum())
+        total += n
+        changed += c
+        g = groups.setdefault(_group(name), [0, 0])
+        g[0] += n
+        g[1] += c
+        if c:
+            deltas.append(bi[mask].int() - ai[mask].int())
+    hist: List[List[int]] = []
+    if deltas:
+        vals, counts = torch.unique(torch.cat(deltas), return_counts=True)
+        order = torch.argsort(counts, descending=True, stable=True)
+        hist = [[int(vals[i]), int(counts[i])] for i in order.tolist()]
+    return {
+        "total": total,
+        "changed": changed,
+        "density": changed / total if total else 0.0,
+        "hist": hist,
+        "top": top,
+        "groups": {k: {"total": v[0], "changed": v[1]} for k, v in sorted(groups.items())},
+    }
+
+
+def format_hist(hist: List[List[int]], top: int = 8, extra_other: int = 0) -> str:
+    """Format ``[[delta, count], ...]`` (descending count) as "+1: 45.1% -1: 44.8% ... other: 0.10%".
+    `extra_other` adds a count of changes not listed in `hist` to the "other" bucket."""
+    n = sum(c for _, c in hist) + extra_other
+    if not n:
+        return "(no changes)"
+    parts = [f"{d:+d}: {100.0 * c / n:.1f}%" for d, c in hist[:top]]
+    rest = sum(c for _, c in hist[top:]) + extra_other
+    if rest:
+        parts.append(f"other: {100.0 * rest / n:.2f}%")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trace generation
+# ----------------------------------------------------------------------------------------------------------------------
+
+_CONFIG_FIELDS = {f.name for f in fields(ModelConfig)}
+
+
+def make_trace(
+    *,
+    steps: int = 8,
+    lr: float = 1e-6,
+    warmup_steps: int = 20,
+    warmup_lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple = (0.9, 0.999),
+    eps: float = 1e-8,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    branching: int = 4,
+    zipf_s: float = 1.1,
+    mix: float = 0.1,
+    seed: int = 0,
+    layers: Optional[int] = None,
+    hidden: Optional[int] = None,
+    config: Optional[ModelConfig] = None,
+    verbose: bool = True,
+    log=None,
+    **config_overrides: Any,
+) -> Dict[str, Any]:
+    """Train and return the trace dict (nothing is saved).
+
+    `layers` / `hidden` are shorthands for ``num_layers`` / ``hidden_size``; any other ModelConfig field
+    (``vocab_size``, ``intermediate_size``, ``num_heads``, ``num_kv_heads``, ...) can be passed as a keyword, or a
+    whole `config`.  ``steps`` lr-steps produce ``steps + 1`` snapshots (index 0 is taken after the warm-up).
+    Tiny example (a couple of seconds): ``make_trace(layers=1, hidden=64, steps=2, warmup_steps=2)``."""
+    unknown = set(config_overrides) - _CONFIG_FIELDS
+    if unknown:
+        raise TypeError(f"make_trace: unknown arguments {sorted(unknown)}")
+    if config is None:
+        kw = dict(config_overrides)
+        if layers is not None:
+            kw["num_layers"] = layers
+        if hidden is not None:
+            kw["hidden_size"] = hidden
+        kw.setdefault("max_seq_len", max(seq_len, ModelConfig.max_seq_len))
+        config = ModelConfig(**kw)
+    elif layers is not None or hidden is not None or config_overrides:
+        raise TypeError("make_trace: pass either config or individual config fields, not both")
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} > config.max_seq_len {config.max_seq_len}")
+    if log is None:
+        log = (lambda s: print(s, flush=True)) if verbose else (lambda s: None)
+
+    torch.manual_seed(seed)
+    init_gen = torch.Generator().manual_seed(seed)
+    data_gen = torch.Generator().manual_seed(seed + 1)
+    lang = SyntheticLanguage(config.vocab_size, branching=branching, zipf_s=zipf_s, mix=mix, seed=seed + 2)
+
+    model = LlamaModel(config, generator=init_gen)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=warmup_lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=False
+    )
+    log(
+        f"model: {n_params:,} params ({n_params / 1e6:.1f}M)  layers={config.num_layers} hidden={config.hidden_size} "
+        f"inter={config.intermediate_size} heads={config.num_heads}/{config.num_kv_heads} vocab={config.vocab_size}  "
+        f"batch={batch_size}x{seq_len}  threads={torch.get_num_threads()}  "
+        f"(data: unigram entropy {lang.unigram_entropy:.2f} nats, bigram {lang.bigram_entropy:.2f}, "
+        f"uniform {math.log(config.vocab_size):.2f})"
+    )
+
+    def train_step() -> float:
+        toks = lang.batch(batch_size, seq_len + 1, data_gen)
+        logits = model(toks[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    warmup_losses: List[float] = []
+    for i in range(warmup_steps):
+        ts = time.perf_counter()
+        warmup_losses.append(train_step())
+        log(
+            f"[warmup {i + 1}/{warmup_steps}] lr={warmup_lr:g} loss={warmup_losses[-1]:.4f} "
+            f"step={time.perf_counter() - ts:.2f}s elapsed={time.perf_counter() - t0:.1f}s"
+        )
+    warmup_s = time.perf_counter() - t0
+
+    for g in opt.param_groups:
+        g["lr"] = lr
+    snaps = [bf16_snapshot(model)]
+    step_stats: List[Dict[str, Any]] = []
+    step_times: List[float] = []
+    t1 = time.perf_counter()
+    for s in range(1, steps + 1):
+        ts = time.perf_counter()
+        loss = train_step()
+        dt = time.perf_counter() - ts
+        step_times.append(dt)
+        snaps.append(bf16_snapshot(model))
+        st = diff_stats(snaps[-2], snaps[-1])
+        st["loss"] = loss
+        st["seconds"] = dt
+        step_stats.append(st)
+        log(
+            f"[step {s}/{steps}] lr={lr:g} loss={loss:.4f} elements={st['total']:,} changed={st['changed']:,} "
+            f"density={100.0 * st['density']:.4f}%  step={dt:.2f}s elapsed={time.perf_counter() - t0:.1f}s"
+        )
+        log(f"    delta hist: {format_hist(st['hist'])}")
+        log(
+            "    by group: "
+            + "  ".join(
+                f"{k} {100.0 * v['changed'] / max(v['total'], 1):.3f}%" for k, v in st["groups"].items()
+            )
+        )
+
+    # Keep the stored histogram short (top entries plus the remainder) so meta stays small.
+    for st in step_stats:
+        h = st["hist"]
+        st["hist_other"] = sum(c for _, c in h[32:])
+        st["hist"] = h[:32]
+
+    meta = {
+        "format": "sparsesync-bench-trace-1",
+        "param_count": n_params,
+        "param_names": list(snaps[0].keys()),
+        "optimizer": {
+            "name": "AdamW",
+            "lr": lr,
+            "betas": list(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "master_dtype": "float32",
+            "compute_dtype": "float32",
+            "snapshot_dtype": "bfloat16",
+        },
+        "warmup": {"steps": warmup_steps, "lr": warmup_lr, "losses": warmup_losses, "seconds": warmup_s},
+        "data": {
+            "kind": "zipf-bigram-markov",
+            "branching": branching,
+            "zipf_s": zipf_s,
+            "mix": mix,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "unigram_entropy_nats": lang.unigram_entropy,
+            "bigram_entropy_nats": lang.bigram_entropy,
+        },
+        "seed": seed,
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "seconds_per_step": (sum(step_times) / len(step_times)) if step_times else 0.0,
+        "lr_phase_seconds": time.perf_counter() - t1,
+        "step_stats": step_stats,  # step_stats[i] compares steps[i] -> steps[i+1]
+    }
+    return {"config": asdict(config), "lr": lr, "steps": snaps, "meta": meta}
+
+
+def save_trace(trace: Dict[str, Any], path: str) -> None:
+    d = os.path.dirname(path)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(trace, tmp)
+    os.replace(tmp, path)
+
+
+def load_trace(path: str) -> Dict[str, Any]:
+    """Load a trace written by this module: {"config", "lr", "steps": [ {name: bf16 tensor}, ... ], "meta"}."""
+    tr = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tr, dict) or "steps" not in tr:
+        raise ValueError(f"{path}: not a sparsesync bench trace")
+    return tr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="lr-steps after the step-0 snapshot")
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--warmup-steps", type=int, default=20)
+    ap.add_argument("--warmup-lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--layers", type=int, default=ModelConfig.num_layers)
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden_size)
+    ap.add_argument("--intermediate", type=int, default=None, help="default: Llama rule from --hidden")
+    ap.add_argument("--heads", type=int, default=None, help="default: hidden // 64")
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: heads // 2")
+    ap.add_argument("--vocab", type=int, default=ModelConfig.vocab_size)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    t0 = time.perf_counter()
+    tr = make_trace(
+        steps=a.steps,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        warmup_lr=a.warmup_lr,
+        weight_decay=a.weight_decay,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        seed=a.seed,
+        layers=a.layers,
+        hidden=a.hidden,
+        intermediate_size=a.intermediate,
+        num_heads=a.heads,
+        num_kv_heads=a.kv_heads,
+        vocab_size=a.vocab,
+    )
+    m = tr["meta"]
+    ts = time.perf_counter()
+    save_trace(tr, a.out)
+    size = os.path.getsize(a.out)
+    save_s = time.perf_counter() - ts
+
+    st = m["step_stats"]
+    print("summary:", flush=True)
+    print(f"  params={m['param_count']:,}  s/step={m['seconds_per_step']:.2f}  warmup={m['warmup']['seconds']:.1f}s")
+    if st:
+        dens = [100.0 * s["density"] for s in st]
+        print("  density per step (%): " + " ".join(f"{d:.4f}" for d in dens) + f"  mean={sum(dens) / len(dens):.4f}")
+        agg: Dict[int, int] = {}
+        for s in st:
+            for d, c in s["hist"]:
+                agg[d] = agg.get(d, 0) + c
+        other = sum(s["hist_other"] for s in st)
+        hist = sorted(([d, c] for d, c in agg.items()), key=lambda x: -x[1])
+        print("  delta hist (all steps): " + format_hist(hist, extra_other=other))
+    print(f"  wrote {a.out} ({size / 2**20:.1f} MiB, {len(tr['steps'])} snapshots) in {save_s:.1f}s; "
+          f"total {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
