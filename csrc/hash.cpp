@@ -1,0 +1,128 @@
+// h64 and tree64 (FORMAT.md 1.1, 1.2).
+#include "ss_internal.h"
+
+namespace ss {
+
+namespace {
+
+constexpr uint64_t K0 = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t K1 = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t K2 = 0x94D049BB133111EBull;
+constexpr uint64_t K3 = 0xD6E8FEB86659FD93ull;
+constexpr uint64_t kLeafBytes = 4096;
+constexpr uint64_t kTreeSeed = 0x5353594E43ull;
+
+SS_INLINE uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+SS_INLINE uint64_t mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= K1;
+  x ^= x >> 27;
+  x *= K2;
+  x ^= x >> 31;
+  return x;
+}
+
+SS_INLINE uint64_t round1(uint64_t a, uint64_t w) { return rotl(a + w * K3, 27) * K1; }
+
+}  // namespace
+
+uint64_t h64(const uint8_t* data, uint64_t len, uint64_t seed) {
+  uint64_t a0 = seed + 1 * K0, a1 = seed + 2 * K0, a2 = seed + 3 * K0, a3 = seed + 4 * K0;
+  uint64_t nfull = len / 32;
+  const uint8_t* p = data;
+  for (uint64_t i = 0; i < nfull; ++i, p += 32) {
+    a0 = round1(a0, load_u64(p));
+    a1 = round1(a1, load_u64(p + 8));
+    a2 = round1(a2, load_u64(p + 16));
+    a3 = round1(a3, load_u64(p + 24));
+  }
+  uint64_t rem = len - nfull * 32;
+  if (rem) {
+    uint8_t tail[32];
+    memset(tail, 0, sizeof(tail));
+    memcpy(tail, p, (size_t)rem);
+    a0 = round1(a0, load_u64(tail));
+    a1 = round1(a1, load_u64(tail + 8));
+    a2 = round1(a2, load_u64(tail + 16));
+    a3 = round1(a3, load_u64(tail + 24));
+  }
+  uint64_t h = seed ^ (len * K0);
+  h = mix(h ^ a0);
+  h = mix(h ^ a1);
+  h = mix(h ^ a2);
+  h = mix(h ^ a3);
+  return h;
+}
+
+uint64_t tree64(const uint8_t* data, uint64_t len, int nthreads) {
+  uint64_t nleaves = len == 0 ? 1 : (len + kLeafBytes - 1) / kLeafBytes;
+  std::vector<uint8_t> leaves((size_t)(nleaves * 8));
+  uint8_t* out = leaves.data();
+  // Tasks of 64 leaves (256 KiB).
+  const int64_t per_task = 64;
+  int64_t ntasks = (int64_t)((nleaves + per_task - 1) / per_task);
+  int nt = plan_threads(nthreads, ntasks, (int64_t)len, 1 << 20);
+  parallel_for(ntasks, nt, [&](int64_t t, int) {
+    uint64_t b = (uint64_t)t * per_task, e = std::min<uint64_t>(nleaves, b + per_task);
+    for (uint64_t i = b; i < e; ++i) {
+      uint64_t off = i * kLeafBytes;
+      uint64_t l = std::min<uint64_t>(kLeafBytes, len - off);
+      store_u64(out + i * 8, h64(data + off, l, i));
+    }
+  });
+  return h64(out, nleaves * 8, len ^ kTreeSeed);
+}
+
+// Streaming single-thread tree64 that needs no heap memory (fallback).
+uint64_t tree64_serial(const uint8_t* data, uint64_t len) {
+  uint64_t nleaves = len == 0 ? 1 : (len + kLeafBytes - 1) / kLeafBytes;
+  uint64_t seed = len ^ kTreeSeed;
+  uint64_t a[4] = {seed + 1 * K0, seed + 2 * K0, seed + 3 * K0, seed + 4 * K0};
+  uint64_t buf[4];
+  int fill = 0;
+  for (uint64_t i = 0; i < nleaves; ++i) {
+    uint64_t off = i * kLeafBytes;
+    uint64_t l = std::min<uint64_t>(kLeafBytes, len - off);
+    buf[fill++] = h64(data + off, l, i);
+    if (fill == 4) {
+      for (int j = 0; j < 4; ++j) a[j] = round1(a[j], buf[j]);
+      fill = 0;
+    }
+  }
+  if (fill) {
+    for (int j = fill; j < 4; ++j) buf[j] = 0;
+    for (int j = 0; j < 4; ++j) a[j] = round1(a[j], buf[j]);
+  }
+  uint64_t h = seed ^ ((nleaves * 8) * K0);
+  for (int j = 0; j < 4; ++j) h = mix(h ^ a[j]);
+  return h;
+}
+
+int resolve_threads(int nthreads) {
+  if (nthreads > 0) return std::min(nthreads, 1024);
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc ? (int)std::min(hc, 1024u) : 1;
+}
+
+}  // namespace ss
+
+SS_EXPORT int ss_abi_version(void) { return SS_ABI_VERSION; }
+
+SS_EXPORT uint64_t ss_h64(const uint8_t* data, uint64_t len, uint64_t seed) {
+  if (!data && len) return 0;
+  return ss::h64(data, len, seed);
+}
+
+SS_EXPORT uint64_t ss_tree64(const uint8_t* data, uint64_t len, int nthreads) {
+  if (!data && len) return 0;
+  try {
+    return ss::tree64(data, len, nthreads);
+  } catch (...) {
+    return ss::tree64_serial(data, len);  // no memory for the leaf array: stream it (no allocation)
+  }
+}
+
+#ifndef SPARSESYNC_WITH_CUDA
+SS_EXPORT int ss_cuda_compiled(void) { return 0; }
+#endif
