@@ -170,6 +170,7 @@ class Encoder:
         self.layout: list | None = None
         self.version: int | None = None
         self._pending: Update | None = None
+        self._copy_full = True
         if base is not None:
             if base_version is None:
                 base_version = 0
@@ -295,7 +296,7 @@ class Encoder:
             stats.elements += t.numel()
             stats.dense_bytes += t.numel() * t.element_size()
             if full:
-                self.snapshot[name] = t.clone()
+                self.snapshot[name] = t.clone() if self._copy_full else t
                 stats.changed += t.numel()
             tp = self._plan_tensor(name, self.snapshot[name] if full else t, full, stats)
             if tp is not None:
@@ -368,6 +369,16 @@ class Encoder:
             if last:
                 stats.dense_tensors = len(dense_names)
             yield bucket
+
+
+def full_update(state, version: int, *, bucket_bytes: int | None = None, stream: bool = True) -> Update:
+    """A full update of ``state`` made straight from its tensors (no copy): for catching up receivers and relays.
+
+    With ``stream=True`` (default) buckets are made as they are consumed; ``state`` must not change meanwhile.
+    """
+    enc = Encoder(bucket_bytes=bucket_bytes)
+    enc._copy_full = False
+    return enc.encode(state, version, stream=stream)
 
 
 # -------------------------------------------------------------------------------------------------------------------

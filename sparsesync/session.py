@@ -1,0 +1,581 @@
+"""Sync sessions: a Sender that encodes once and fans out to many receivers, and a Receiver that applies updates.
+
+Protocol (docs/PROTOCOL.md): the receiver listens; the sender connects, both authenticate (HMAC challenge-response),
+the receiver reports its version and state digest, and the sender streams an update (delta, chain of retained deltas,
+or full) as bucket frames that the receiver stages as they arrive and commits all-or-nothing, then acknowledges.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import ssl as _ssl
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import backends, wire
+from .codec import Decoder, Encoder, Update, full_update
+from .digest import layout_digest, state_digest
+from .errors import CorruptPayload, SparseSyncError
+
+log = logging.getLogger("sparsesync")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# receiver
+
+class Receiver:
+    """Receives updates into ``state`` (updated in place) on a background thread.
+
+    ``listen``: ``tcp://HOST:PORT`` (default loopback ``tcp://127.0.0.1:7000``; port 0 picks a free port, see
+    ``address``) or ``inproc://NAME``. Binding a wider address must be written out, e.g. ``tcp://0.0.0.0:7000``.
+    ``token``: shared secret; required unless ``allow_unauthenticated=True``.
+    ``on_update(version, apply_stats)``: called after every applied update (on the receiver thread).
+    ``forward_to``: downstream peer addresses; every applied update is relayed to them (one upstream copy per
+    cluster), with the same token unless ``forward_token`` is given.
+    """
+
+    def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token=None, version: int = 0,
+                 on_update=None, ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = False,
+                 forward_to=None, forward_token=None, max_bucket: int = wire.DEFAULT_MAX_BUCKET,
+                 handshake_timeout: float = 10.0, idle_timeout: float = 300.0,
+                 allow_unauthenticated: bool = False):
+        self.token = wire.token_bytes(token)
+        if self.token is None and not allow_unauthenticated:
+            raise ValueError("Receiver needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+        self.decoder = Decoder(state, version, verify_digest=verify_digest)
+        self.listen = listen
+        self.scheme, self.host, self.port = wire.parse_url(listen)
+        self.on_update = on_update
+        self.ssl_context = ssl_context
+        self.max_bucket = max_bucket
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()          # one update at a time
+        self._cond = threading.Condition()
+        self._digest_cache: tuple[int, str] | None = None
+        self._listener = None
+        self._threads: list[threading.Thread] = []
+        self._conns: set = set()
+        self._running = False
+        self.errors: collections.deque = collections.deque(maxlen=32)
+        self.updates_applied = 0
+        self._relay = None
+        if forward_to:
+            self._relay = Sender(forward_to, token=forward_token if forward_token is not None else token,
+                                 allow_unauthenticated=allow_unauthenticated, ssl_context=None)
+
+    # -- public ---------------------------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.decoder.version
+
+    @property
+    def state(self) -> dict:
+        return self.decoder.state
+
+    @property
+    def address(self) -> str:
+        """The address actually listened on (with the real port when 0 was asked)."""
+        if self.scheme == "inproc":
+            return f"inproc://{self.host}"
+        return f"tcp://{self.host}:{self.port}"
+
+    def start(self) -> "Receiver":
+        if self._running:
+            return self
+        self._listener = backends.get(self.scheme).listen(self.host, self.port)
+        if self.scheme == "tcp":
+            self.port = self._listener.port
+        self._running = True
+        t = threading.Thread(target=self._accept_loop, name=f"sparsesync-recv-{self.port}", daemon=True)
+        t.start()
+        self._threads.append(t)
+        log.info("receiver listening on %s at version %d", self.address, self.version)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._running = False
+        if self._listener is not None:
+            self._listener.close()
+        for ch in list(self._conns):
+            ch.close()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+        if self._relay is not None:
+            self._relay.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def wait_for(self, version: int, timeout: float | None = None) -> bool:
+        """Block until the receiver holds ``version`` or newer; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.decoder.version >= version, timeout)
+
+    def digest(self) -> str:
+        with self._lock:
+            return self._digest_locked()
+
+    # -- internals ------------------------------------------------------------------------------------------------------
+    def _digest_locked(self) -> str:
+        v = self.decoder.version
+        if self._digest_cache is None or self._digest_cache[0] != v:
+            self._digest_cache = (v, state_digest(self.decoder.state))
+        return self._digest_cache[1]
+
+    def _accept_loop(self) -> None:
+        while self._running:
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                if self._running:
+                    time.sleep(0.05)
+                continue
+            if sock is None:
+                continue
+            t = threading.Thread(target=self._serve, args=(sock, peer), daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+
+    def _serve(self, sock, peer) -> None:
+        ch = None
+        try:
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            ch = wire.Channel(sock, self.max_bucket, peer=str(peer))
+            self._conns.add(ch)
+            with self._lock:
+                info = {"version": self.decoder.version, "digest": self._digest_locked(),
+                        "layout": self.decoder.layout_digest}
+            wire.server_handshake(ch, self.token, info, self.handshake_timeout)
+            ch.settimeout(self.idle_timeout)
+            while self._running:
+                ftype, data = ch.recv((wire.UPDATE, wire.BYE), wire.MAX_CONTROL)
+                if ftype == wire.BYE:
+                    break
+                self._receive_update(ch, wire.unpack(data))
+        except (SparseSyncError, OSError, socket.timeout, _ssl.SSLError) as exc:
+            if self._running:
+                self.errors.append(f"{peer}: {exc}")
+                log.warning("receiver %s: connection from %s ended: %s", self.address, peer, exc)
+        finally:
+            if ch is not None:
+                self._conns.discard(ch)
+                ch.close()
+
+    def _receive_update(self, ch: wire.Channel, msg: dict) -> None:
+        cnt = msg.get("cnt")
+        if not isinstance(cnt, int) or not 1 <= cnt <= 1 << 30:
+            raise wire.ProtocolError(f"UPDATE with invalid bucket count {cnt!r}")
+        with self._lock:
+            err, done, buckets = None, False, []
+            t0 = time.perf_counter()
+            try:
+                for _ in range(cnt):
+                    _, data = ch.recv((wire.BUCKET,))
+                    if self._relay is not None:
+                        buckets.append(data)
+                    if err is None:
+                        try:
+                            done = self.decoder.feed(data)
+                        except SparseSyncError as exc:
+                            err = exc
+            except BaseException:
+                self.decoder.abort()        # connection cut mid-update: the state was never touched
+                raise
+            if err is None and not done:
+                self.decoder.abort()
+                err = CorruptPayload("update ended before its last bucket")
+            ack = {"version": self.decoder.version, "ok": err is None, "seconds": time.perf_counter() - t0}
+            if err is not None:
+                ack.update(error=str(err), error_type=type(err).__name__)
+            else:
+                st = self.decoder.last_stats
+                ack.update(decode_s=st.decode_seconds, apply_s=st.apply_seconds)
+            ch.send_msg(wire.ACK, ack)
+            if err is None:
+                self.updates_applied += 1
+                if self._relay is not None:
+                    h = self.decoder.last_stats
+                    self._relay.forward(buckets, h.base_version, h.version, self.decoder.state)
+        if err is not None:
+            self.errors.append(str(err))
+            log.warning("receiver %s: update rejected: %s", self.address, err)
+            return
+        with self._cond:
+            self._cond.notify_all()
+        if self.on_update is not None:
+            self.on_update(self.decoder.version, self.decoder.last_stats)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sender
+
+@dataclass
+class PeerResult:
+    peer: str
+    ok: bool
+    version: int | None          # the version the peer holds now (None if unknown)
+    kind: str = "none"           # delta | chain | full | none
+    bytes: int = 0
+    wire_s: float = 0.0
+    apply_s: float = 0.0
+    attempts: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PushStats:
+    version: int
+    encode_s: float
+    total_s: float
+    changed: int
+    wire_bytes: int              # one copy of the update
+    dense_bytes: int
+    peers: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.peers)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def __str__(self) -> str:
+        bad = [p for p in self.peers if not p.ok]
+        return (f"push v{self.version}: {self.changed} changed, {self.wire_bytes} B/peer, encode {self.encode_s:.3f}s, "
+                f"total {self.total_s:.3f}s, {len(self.peers) - len(bad)}/{len(self.peers)} peers ok"
+                + "".join(f"; {p.peer}: {p.error}" for p in bad))
+
+
+class _Feed:
+    """Buckets of one update, produced once (by whoever asks first) and read by many peer threads."""
+
+    def __init__(self, update: Update | None, buckets=None):
+        self.update = update
+        self.buckets = list(buckets) if buckets is not None else []
+        self.done = buckets is not None
+        self._it = update.iter_buckets() if update is not None and not self.done else None
+        self._lock = threading.Lock()
+
+    def get(self, i: int):
+        with self._lock:
+            while len(self.buckets) <= i and not self.done:
+                try:
+                    self.buckets.append(next(self._it))
+                except StopIteration:
+                    self.done = True
+            return self.buckets[i] if i < len(self.buckets) else None
+
+    def finish(self) -> None:
+        i = len(self.buckets)
+        while self.get(i) is not None:
+            i += 1
+
+    def __len__(self) -> int:
+        return self.update.count if self.update is not None else len(self.buckets)
+
+
+class _Peer:
+    def __init__(self, url: str):
+        self.url = url
+        self.scheme, self.host, self.port = wire.parse_url(url)
+        self.ch: wire.Channel | None = None
+        self.version: int | None = None
+        self.digest: str | None = None
+        self.verified = False           # digest checked against the sender's state at that version
+
+    def drop(self) -> None:
+        if self.ch is not None:
+            self.ch.close()
+        self.ch = None
+        self.version = None
+        self.verified = False
+
+
+class _Progress:
+    def __init__(self, enabled: bool, label: str, npeers: int):
+        self.enabled = enabled
+        self.label = label
+        self.npeers = npeers
+        self.sent = 0
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int = 0, done: int = 0) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.sent += nbytes
+            self.done += done
+            now = time.monotonic()
+            if done or now - self._last > 0.2:
+                self._last = now
+                sys.stderr.write(f"\r{self.label}: {self.sent / 2**20:9.1f} MiB sent, {self.done}/{self.npeers} "
+                                 "peers done ")
+                sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+class Sender:
+    """Encodes each new state once and delivers it to every peer concurrently.
+
+    ``peers``: receiver addresses (``tcp://host:port`` or ``inproc://name``). ``token``: shared secret.
+    ``base``/``base_version``: the state all receivers start from (otherwise the first push is a full update).
+    ``timeout``: the window (seconds) a push waits for a peer; slower peers are cut off, reported, and caught up at a
+    later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
+    peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
+    """
+
+    def __init__(self, peers, *, token=None, backend: str = "tcp", base=None, base_version: int | None = None,
+                 values: str = "delta", bucket_bytes: int | None = None, timeout: float = 60.0,
+                 connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.2, retain: int = 4,
+                 ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
+                 allow_unauthenticated: bool = False):
+        if isinstance(peers, str):
+            peers = [peers]
+        self.token = wire.token_bytes(token)
+        if self.token is None and not allow_unauthenticated:
+            raise ValueError("Sender needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+        if backend not in backends.NAMES:
+            raise ValueError(f"unknown backend {backend!r}; choose from {sorted(backends.NAMES)}")
+        self.backend = backend
+        self.peers = [_Peer(p) for p in peers]
+        if len({p.url for p in self.peers}) != len(self.peers):
+            raise ValueError("duplicate peer addresses")
+        self.encoder = Encoder(base, base_version, values=values, bucket_bytes=bucket_bytes, digest=digest)
+        self.bucket_bytes = self.encoder.bucket_bytes
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.retain: collections.deque = collections.deque(maxlen=max(0, retain))
+        self.ssl_context = ssl_context
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._digests: dict[int, str] = {}
+        self.history: list[PushStats] = []
+
+    # -- public ---------------------------------------------------------------------------------------------------------
+    def push(self, state, version: int) -> PushStats:
+        """Encode ``state`` as ``version`` once and deliver it to every peer. Returns per-peer results."""
+        t0 = time.perf_counter()
+        self._connect_all(t0 + self.timeout)
+        base_version = self.encoder.version
+        if base_version is not None:
+            need = [p for p in self.peers if p.ch is not None and not p.verified and p.version == base_version]
+            if need:
+                d = self._digest_of(base_version, self.encoder.snapshot)
+                for p in need:
+                    p.verified = p.digest == d
+                    if not p.verified:
+                        log.warning("peer %s claims version %d but its digest differs: it gets a full update", p.url,
+                                    base_version)
+        update = self.encoder.encode(state, version, stream=True)
+        feed = _Feed(update)
+        stats = self._deliver(feed, t0, self.encoder.snapshot)
+        if update.base_version is not None:
+            self.retain.append((update.base_version, update.version, feed.buckets))
+        self._digests = {v: d for v, d in self._digests.items() if v == version}
+        stats.encode_s = update.stats.encode_seconds
+        stats.changed = update.stats.changed
+        stats.dense_bytes = update.stats.dense_bytes
+        self.history.append(stats)
+        log.info("%s", stats)
+        return stats
+
+    def forward(self, buckets: list, base: int | None, version: int, state) -> PushStats:
+        """Relay an update received elsewhere (its buckets) to the peers; ``state`` is the relay's applied state."""
+        t0 = time.perf_counter()
+        self._connect_all(t0 + self.timeout)
+        feed = _Feed(None, buckets)
+        stats = self._deliver(feed, t0, state, base=base, version=version)
+        if base is not None:
+            self.retain.append((base, version, list(buckets)))
+        self.encoder.version = version
+        return stats
+
+    def close(self) -> None:
+        for p in self.peers:
+            if p.ch is not None:
+                try:
+                    p.ch.send(wire.BYE)
+                except SparseSyncError:
+                    pass
+            p.drop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------------------------------
+    def _digest_of(self, version: int, state) -> str:
+        if version not in self._digests:
+            self._digests[version] = state_digest(state)
+        return self._digests[version]
+
+    def _connect(self, p: _Peer) -> None:
+        sock = backends.get(p.scheme).connect(p.host, p.port, self.connect_timeout)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=p.host)
+        ch = wire.Channel(sock, peer=p.url)
+        try:
+            info = wire.client_handshake(ch, self.token, self.connect_timeout)
+        except BaseException:
+            ch.close()
+            raise
+        v = info.get("version")
+        if not isinstance(v, int):
+            ch.close()
+            raise wire.ProtocolError(f"{p.url}: WELCOME without a version")
+        if self.encoder.layout is not None and info.get("layout") != layout_digest(self.encoder.layout):
+            ch.close()
+            raise SparseSyncError(f"{p.url}: receiver holds a different tensor layout")
+        p.ch, p.version, p.digest, p.verified = ch, v, info.get("digest"), False
+
+    def _connect_all(self, deadline: float) -> None:
+        todo = [p for p in self.peers if p.ch is None]
+        threads = [threading.Thread(target=self._try_connect, args=(p, deadline), daemon=True) for p in todo]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
+
+    def _try_connect(self, p: _Peer, deadline: float) -> str | None:
+        err = None
+        for attempt in range(self.retries + 1):
+            try:
+                self._connect(p)
+                return None
+            except (OSError, SparseSyncError, socket.timeout) as exc:
+                err = str(exc)
+                if isinstance(exc, wire.AuthError):
+                    return err
+                wait = self.backoff * (2 ** attempt)
+                if time.perf_counter() + wait >= deadline:
+                    break
+                time.sleep(wait)
+        p.last_error = err
+        return err
+
+    def _plan(self, p: _Peer, base: int | None, version: int):
+        """What to send this peer: ('none'|'delta'|'chain'|'full', list of feeds-or-None)."""
+        if base is None:                      # the update itself is a full one: valid at any version
+            return "full", [None]
+        if p.version == version and p.verified:
+            return "none", []
+        if p.version == base and p.verified:
+            return "delta", [None]
+        if base is not None and p.version is not None and p.verified:
+            chain, v = [], p.version
+            for b, ver, buckets in self.retain:
+                if b == v:
+                    chain.append(buckets)
+                    v = ver
+            if chain and v == base:
+                return "chain", chain + [None]
+        return "full", ["full"]
+
+    def _deliver(self, feed: _Feed, t0: float, state, base=None, version=None) -> PushStats:
+        if feed.update is not None:
+            base, version = feed.update.base_version, feed.update.version
+        deadline = t0 + self.timeout
+        prog = _Progress(self.progress, f"push v{version}", len(self.peers))
+        results: dict[str, PeerResult] = {}
+        full_lock = threading.Lock()
+        threads = []
+        for p in self.peers:
+            r = PeerResult(p.url, False, p.version)
+            results[p.url] = r
+            t = threading.Thread(target=self._serve_peer, args=(p, r, feed, state, base, version, deadline, prog,
+                                                                full_lock), daemon=True)
+            t.start()
+            threads.append(t)
+        feed.finish()        # encoding completes even if every peer is unreachable (the snapshot must advance)
+        for t in threads:
+            t.join(max(0.0, deadline - time.perf_counter()))
+        for p, t in zip(self.peers, threads):
+            if t.is_alive():       # slow peer: cut it off; it is caught up at a later push
+                r = results[p.url]
+                r.ok, r.error = False, f"timed out after {self.timeout:.1f}s"
+                p.drop()
+                t.join(5.0)
+                r.version = None
+        prog.close()
+        wire_bytes = sum(len(b) for b in feed.buckets)
+        return PushStats(version, 0.0, time.perf_counter() - t0, 0, wire_bytes, 0,
+                         [results[p.url] for p in self.peers])
+
+    def _send_update(self, p: _Peer, buckets_iter, cnt: int, prog: _Progress) -> tuple[int, dict]:
+        ch = p.ch
+        ch.settimeout(max(1.0, self.timeout))
+        ch.send_msg(wire.UPDATE, {"cnt": cnt})
+        n = 0
+        for b in buckets_iter:
+            ch.send(wire.BUCKET, b)
+            n += len(b)
+            prog.add(len(b))
+        _, ack = ch.recv_msg((wire.ACK,))
+        return n, ack
+
+    def _serve_peer(self, p: _Peer, r: PeerResult, feed: _Feed, state, base, version, deadline, prog,
+                    full_lock) -> None:
+        for attempt in range(self.retries + 1):
+            r.attempts = attempt + 1
+            if p.ch is None:
+                err = self._try_connect(p, deadline)
+                if p.ch is None:
+                    r.error = f"cannot connect: {err}"
+                    return
+            kind, parts = self._plan(p, base, version)
+            r.kind = kind
+            t1 = time.perf_counter()
+            try:
+                if kind == "none":
+                    r.ok, r.version = True, p.version
+                    prog.add(done=1)
+                    return
+                for part in parts:
+                    if part is None:
+                        it = (feed.get(i) for i in range(len(feed)))
+                        nbytes, ack = self._send_update(p, it, len(feed), prog)
+                    elif part == "full":
+                        feed.finish()              # the snapshot is final once the delta is fully encoded
+                        with full_lock:
+                            up = full_update(state, version, bucket_bytes=self.bucket_bytes)
+                            nbytes, ack = self._send_update(p, up.iter_buckets(), up.count, prog)
+                    else:
+                        nbytes, ack = self._send_update(p, iter(part), len(part), prog)
+                    r.bytes += nbytes
+                    r.apply_s += float(ack.get("apply_s", 0.0)) + float(ack.get("decode_s", 0.0))
+                    if not ack.get("ok"):
+                        p.version, p.verified = ack.get("version"), False
+                        raise SparseSyncError(f"{ack.get('error_type')}: {ack.get('error')}")
+                    p.version, p.verified = ack.get("version"), True
+                r.wire_s = time.perf_counter() - t1 - r.apply_s
+                r.ok, r.version, r.error = True, p.version, None
+                prog.add(done=1)
+                return
+            except (OSError, SparseSyncError, socket.timeout) as exc:
+                r.error = str(exc)
+                if isinstance(exc, (wire.PeerClosed, wire.ProtocolError, OSError, socket.timeout)):
+                    p.drop()
+                wait = self.backoff * (2 ** attempt)
+                if time.perf_counter() + wait >= deadline:
+                    return
+                time.sleep(wait)
