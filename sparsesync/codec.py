@@ -16,7 +16,7 @@ from .errors import BaseMismatch, CorruptPayload, LayoutMismatch, SparseSyncErro
 from .format import (VALUE_MODES, Header, Segment, build_freq, entropy_bits, header_hash, pack_bucket, pack_freq,
                      parse_bucket, rice_bits, unpack_freq, update_uid)
 from .kernels import impl
-from .reference import FINE_BLOCK, E_HASH, KernelError, extra_bits_for, max_symbol
+from .reference import E_HASH, KernelError, extra_bits_for, max_symbol
 
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
@@ -232,7 +232,7 @@ class Encoder:
             if tp.kind == "d":
                 pos = 0
                 while pos < n:
-                    room = (cap - used) // tp.w
+                    room = int(cap - used) // tp.w  # used is a float after sparse segments
                     if room <= 0:
                         flush()
                         continue
@@ -392,6 +392,7 @@ class ApplyStats:
     changed: int
     decode_seconds: float
     apply_seconds: float
+    digest_verified: bool = False
 
 
 @dataclass
@@ -587,4 +588,4 @@ class Decoder:
         self.version = h0.ver
         self._pending = None
         self.last_stats = ApplyStats(h0.base, h0.ver, h0.cnt, p.wire_bytes, p.changed, p.decode_seconds,
-                                     time.perf_counter() - t0)
+                                     time.perf_counter() - t0, verify)

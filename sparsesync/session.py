@@ -199,7 +199,7 @@ class Receiver:
                 ack.update(error=str(err), error_type=type(err).__name__)
             else:
                 st = self.decoder.last_stats
-                ack.update(decode_s=st.decode_seconds, apply_s=st.apply_seconds)
+                ack.update(decode_s=st.decode_seconds, apply_s=st.apply_seconds, verified=st.digest_verified)
             ch.send_msg(wire.ACK, ack)
             if err is None:
                 self.updates_applied += 1
@@ -229,6 +229,7 @@ class PeerResult:
     wire_s: float = 0.0
     apply_s: float = 0.0
     attempts: int = 0
+    digest_verified: bool = False
     error: str | None = None
 
 
@@ -567,6 +568,7 @@ class Sender:
                         p.version, p.verified = ack.get("version"), False
                         raise SparseSyncError(f"{ack.get('error_type')}: {ack.get('error')}")
                     p.version, p.verified = ack.get("version"), True
+                    r.digest_verified = bool(ack.get("verified"))
                 r.wire_s = time.perf_counter() - t1 - r.apply_s
                 r.ok, r.version, r.error = True, p.version, None
                 prog.add(done=1)
