@@ -1,0 +1,412 @@
+"""``sparsesync bench``: time per weight sync over real or emulated links, sparsesync against the usual formats.
+
+Emulated mode (default; needs root and iproute2): two network namespaces joined by a veth pair, each end shaped
+with ``tc tbf`` at the link rate; the sender and the receiver run as separate processes inside them. The hosts'
+addresses exist only inside those namespaces, which are removed when the benchmark ends (also on failure).
+Real mode (``--peer HOST``): run ``sparsesync bench --serve`` on the receiving host first.
+
+For each link rate, over the same link, one sync of a synthetic bf16 model at a trace-like density is timed end to
+end (encode + wire + decode/apply, until the receiver acknowledges) for: dense bytes, dense + zstd, int32 index + raw
+value (SparseRL-Sync / vLLM sparse_nccl), and sparsesync. Every method's result on the receiver is checked against
+the sender's state digest. Output: a table, a JSON file and (with matplotlib installed) a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METHODS = ["dense", "dense+zstd", "int32+raw", "sparsesync"]
+SUBNET = "10.213.77"
+BASE_PORT = 7400
+TOKEN_ENV = "SPARSESYNC_BENCH_TOKEN"
+
+
+def add_args(p) -> None:
+    p.add_argument("--params", type=float, default=0.5e9, help="model size in bf16 parameters (default 0.5e9)")
+    p.add_argument("--density", type=float, default=0.5, help="percent of elements changed per step (default 0.5)")
+    p.add_argument("--rates", default="100mbit,1gbit,10gbit", help="emulated link rates, comma separated")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--tensor-elems", type=int, default=1 << 24, help="elements per synthetic tensor")
+    p.add_argument("--out", default="bench/results/net", help="output prefix (.json, .png)")
+    p.add_argument("--peer", help="real mode: receiving host running `sparsesync bench --serve`")
+    p.add_argument("--serve", action="store_true", help="real mode: act as the receiving host")
+    p.add_argument("--listen", default="127.0.0.1", help="--serve: address to listen on")
+    p.add_argument("--port", type=int, default=BASE_PORT)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=["send", "recv"], help=argparse_hidden())
+    p.add_argument("--stop-server", action="store_true", help=argparse_hidden())
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# synthetic model (both sides build the same one from the seed)
+
+def model_states(params: float, density_pct: float, tensor_elems: int, seed: int, want_new: bool):
+    """Base state and (optionally) the next state: trace-like +-1..+-8 ulp moves at the given density."""
+    g = torch.Generator().manual_seed(seed)
+    total = int(params)
+    base, new = {}, {}
+    i = 0
+    steps = torch.tensor([1, 2, 3, 4, 6, 8], dtype=torch.int16)
+    probs = torch.tensor([0.91, 0.037, 0.016, 0.009, 0.014, 0.014])
+    while total > 0:
+        n = min(tensor_elems, total)
+        w = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+        name = f"model.layers.{i // 7}.w{i % 7}"
+        base[name] = w
+        if want_new:
+            k = int(n * density_pct / 100)
+            idx = torch.randint(0, n, (k,), generator=g).unique()
+            mag = steps[torch.multinomial(probs, idx.numel(), replacement=True, generator=g)]
+            sign = torch.randint(0, 2, (idx.numel(),), generator=g, dtype=torch.int16) * 2 - 1
+            nw = w.clone()
+            nw.view(torch.int16)[idx] += mag * sign
+            new[name] = nw
+        total -= n
+        i += 1
+    return base, new
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# baseline formats: a blob protocol (u8 method, u64 length, payload) and the receiver's apply
+
+def _recv_exact(sock, n: int) -> bytearray:
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(mv[got:], min(n - got, 1 << 22))
+        if k == 0:
+            raise ConnectionError("closed")
+        got += k
+    return buf
+
+
+def _blob_encode(method: str, base: dict, new: dict) -> list[bytes]:
+    import zstandard
+    out = []
+    for name, t in new.items():
+        raw = t.view(torch.int16).numpy()
+        if method == "dense":
+            out.append(raw.tobytes())
+        elif method == "dense+zstd":
+            out.append(zstandard.ZstdCompressor(level=1, threads=-1).compress(raw.tobytes()))
+        elif method == "int32+raw":
+            o = base[name].view(torch.int16)
+            idx = (t.view(torch.int16) != o).nonzero().reshape(-1)
+            out.append(idx.to(torch.int32).numpy().tobytes() + t.view(torch.int16)[idx].numpy().tobytes())
+    return out
+
+
+def _blob_apply(method: str, blobs: list, state: dict) -> None:
+    import zstandard
+    for (name, t), blob in zip(state.items(), blobs):
+        dst = t.view(torch.int16).numpy()
+        if method == "dense":
+            dst[:] = np.frombuffer(blob, dtype=np.int16)
+        elif method == "dense+zstd":
+            dst[:] = np.frombuffer(zstandard.ZstdDecompressor().decompress(bytes(blob)), dtype=np.int16)
+        else:
+            k = len(blob) // 6
+            idx = np.frombuffer(blob, dtype=np.int32, count=k)
+            dst[idx] = np.frombuffer(blob, dtype=np.int16, count=k, offset=4 * k)
+
+
+def _serve_worker(args) -> int:
+    """Receiving host: a sparsesync Receiver and a blob server for the baselines; both start from the base state."""
+    from .digest import state_digest
+    from .session import Receiver
+    base, _ = model_states(args.params, args.density, args.tensor_elems, args.seed, want_new=False)
+    token = os.environ.get(TOKEN_ENV) or "sparsesync-bench-token"
+    r = Receiver({k: v.clone() for k, v in base.items()}, f"tcp://{args.listen}:{args.port}", token=token,
+                 version=0).start()
+    srv = socket.create_server((args.listen, args.port + 1))
+    print("ready", flush=True)
+    scratch = {k: v.clone() for k, v in base.items()}
+    names = list(base)
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while True:
+                    try:
+                        head = _recv_exact(conn, 9)
+                    except ConnectionError:
+                        break
+                    code, count = struct.unpack("<BQ", head)
+                    if code == 255:
+                        return 0
+                    if code == 254:      # digest of the sparsesync receiver
+                        conn.sendall(state_digest(r.state).encode())
+                        continue
+                    method = METHODS[code]
+                    blobs = []
+                    for _ in range(count):
+                        (n,) = struct.unpack("<Q", _recv_exact(conn, 8))
+                        blobs.append(_recv_exact(conn, n))
+                    _blob_apply(method, blobs, {k: scratch[k] for k in names})
+                    conn.sendall(state_digest(scratch).encode())
+                    for k in names:             # back to base for the next method
+                        scratch[k].copy_(base[k])
+    finally:
+        r.stop()
+        srv.close()
+
+
+def _link_bytes(dev: str | None) -> int:
+    if dev is None:
+        return 0
+    return int(Path(f"/sys/class/net/{dev}/statistics/tx_bytes").read_text()) + \
+        int(Path(f"/sys/class/net/{dev}/statistics/rx_bytes").read_text())
+
+
+def _send_worker(args) -> int:
+    """Sending host: time each method end to end, print one JSON line per method."""
+    from .digest import state_digest
+    from .session import Sender
+    base, new = model_states(args.params, args.density, args.tensor_elems, args.seed, want_new=True)
+    want = state_digest(new)
+    dev = os.environ.get("SPARSESYNC_BENCH_DEV")
+    token = os.environ.get(TOKEN_ENV) or "sparsesync-bench-token"
+    methods = args.methods.split(",")
+    changed = sum(int((new[k].view(torch.int16) != base[k].view(torch.int16)).sum()) for k in base)
+    for method in methods:
+        if method == "sparsesync":
+            continue
+        sock = socket.create_connection((args.peer, args.port + 1), timeout=600)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        b0 = _link_bytes(dev)
+        t0 = time.perf_counter()
+        blobs = _blob_encode(method, base, new)
+        t_enc = time.perf_counter() - t0
+        sock.sendall(struct.pack("<BQ", METHODS.index(method), len(blobs)))
+        for b in blobs:
+            sock.sendall(struct.pack("<Q", len(b)))
+            sock.sendall(b)
+        got = _recv_exact(sock, 64).decode()
+        total = time.perf_counter() - t0
+        payload = sum(len(b) for b in blobs)
+        sock.close()
+        print(json.dumps({"method": method, "seconds": total, "encode_s": t_enc, "payload_bytes": payload,
+                          "link_bytes": _link_bytes(dev) - b0, "exact": got == want, "changed": changed}),
+              flush=True)
+    if "sparsesync" in methods:
+        sender = Sender([f"tcp://{args.peer}:{args.port}"], token=token, base=base, base_version=0, progress=False,
+                        timeout=600)
+        sender._connect_all(time.perf_counter() + 60)   # session set-up (handshake) is not part of a sync
+        b0 = _link_bytes(dev)
+        t0 = time.perf_counter()
+        st = sender.push(new, 1)
+        total = time.perf_counter() - t0
+        link = _link_bytes(dev) - b0
+        p = st.peers[0]
+        sock = socket.create_connection((args.peer, args.port + 1), timeout=60)
+        sock.sendall(struct.pack("<BQ", 254, 0))
+        got = _recv_exact(sock, 64).decode()
+        sock.close()
+        print(json.dumps({"method": "sparsesync", "seconds": total, "encode_s": st.encode_s,
+                          "wire_s": p.wire_s, "apply_s": p.apply_s, "payload_bytes": st.wire_bytes,
+                          "link_bytes": link, "exact": got == want and p.ok, "changed": changed,
+                          "error": p.error}), flush=True)
+        sender.close()
+    if args.stop_server:
+        sock = socket.create_connection((args.peer, args.port + 1), timeout=60)
+        sock.sendall(struct.pack("<BQ", 255, 0))
+        sock.close()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# emulated links
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+class EmulatedLink:
+    """Two namespaces and a shaped veth pair; removed on exit, also on failure."""
+
+    def __init__(self, rate: str):
+        tag = f"{os.getpid() % 100000}"
+        self.ns = (f"ssb-a{tag}", f"ssb-b{tag}")
+        self.dev = (f"ssba{tag}", f"ssbb{tag}")
+        self.addr = (f"{SUBNET}.1", f"{SUBNET}.2")
+        self.rate = rate
+
+    def __enter__(self):
+        try:
+            for ns in self.ns:
+                _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", self.dev[0], "netns", self.ns[0], "type", "veth", "peer", "name", self.dev[1],
+                 "netns", self.ns[1])
+            for ns, dev, addr in zip(self.ns, self.dev, self.addr):
+                _run("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+                _run("ip", "-n", ns, "link", "set", dev, "up")
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                # tbf: burst must hold at least rate/HZ; latency bounds the queue
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
+                     "burst", _burst(self.rate), "latency", "50ms")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for ns in self.ns:
+            _run("ip", "netns", "del", ns, check=False)
+
+    def exec(self, side: int) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[side]]
+
+
+def _rate_bits(rate: str) -> float:
+    r = rate.lower().rstrip("bit").rstrip("/s")
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9}
+    return float(r[:-1]) * mult[r[-1]] if r[-1] in mult else float(r)
+
+
+def _burst(rate: str) -> str:
+    return str(max(64 * 1024, int(_rate_bits(rate) / 8 / 250) * 2))
+
+
+def emulation_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs iproute2 (ip, tc)"
+    r = _run("ip", "netns", "add", f"ssb-probe{os.getpid()}", check=False)
+    if r.returncode != 0:
+        return f"cannot create network namespaces: {r.stderr.strip()}"
+    _run("ip", "netns", "del", f"ssb-probe{os.getpid()}", check=False)
+    return None
+
+
+def _worker_cmd(args, role: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sparsesync.cli", "bench", "--worker", role, "--params", str(args.params),
+            "--density", str(args.density), "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed),
+            "--port", str(args.port), "--methods", args.methods] + extra
+
+
+def run_emulated(args) -> list[dict]:
+    why = emulation_available()
+    if why:
+        raise SystemExit(f"sparsesync bench: link emulation unavailable: {why}")
+    rows = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent)] +
+                                                      [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    for rate in args.rates.split(","):
+        print(f"[{rate}] setting up the emulated link and both hosts ...", file=sys.stderr, flush=True)
+        with EmulatedLink(rate) as link:
+            env_b = dict(env)
+            srv = subprocess.Popen(link.exec(1) + _worker_cmd(args, "recv", ["--listen", link.addr[1]]), env=env_b,
+                                   stdout=subprocess.PIPE, text=True)
+            try:
+                line = srv.stdout.readline()
+                if line.strip() != "ready":
+                    raise SystemExit(f"receiver did not start (said {line!r})")
+                env_a = dict(env, SPARSESYNC_BENCH_DEV=link.dev[0])
+                out = subprocess.run(link.exec(0) + _worker_cmd(args, "send", ["--peer", link.addr[1],
+                                                                                "--stop-server"]),
+                                     env=env_a, capture_output=True, text=True, timeout=3600)
+                if out.returncode != 0:
+                    raise SystemExit(f"sender failed:\n{out.stderr[-3000:]}")
+                for ln in out.stdout.splitlines():
+                    if ln.startswith("{"):
+                        row = json.loads(ln)
+                        row["rate"] = rate
+                        row["rate_bits"] = _rate_bits(rate)
+                        rows.append(row)
+                        print(f"[{rate}] {row['method']:10s} {row['seconds']:8.3f} s  {row['link_bytes']:>13,} "
+                              f"link bytes  exact={row['exact']}", file=sys.stderr, flush=True)
+            finally:
+                try:
+                    srv.wait(30)
+                except subprocess.TimeoutExpired:
+                    srv.kill()
+                    srv.wait()
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    print(f"\nsparsesync bench: {args.params / 1e9:.2f}B bf16 params, {args.density}% changed, one sync, end to end "
+          "(encode + wire + apply, bit-exact digest checked)")
+    print(f"| link | {' | '.join(m + ' s' for m in METHODS)} | sparsesync speed-up vs dense | link bytes int32+raw "
+          "/ sparsesync |")
+    print("|---" * (len(METHODS) + 3) + "|")
+    for rate in rates:
+        by = {r["method"]: r for r in rows if r["rate"] == rate}
+        cells = [f"{by[m]['seconds']:.3f}" + ("" if by[m]["exact"] else " (NOT EXACT)") if m in by else "-"
+                 for m in METHODS]
+        sp = by["dense"]["seconds"] / by["sparsesync"]["seconds"] if "dense" in by and "sparsesync" in by else 0
+        lb = by["int32+raw"]["link_bytes"] / by["sparsesync"]["link_bytes"] \
+            if "int32+raw" in by and "sparsesync" in by and by["sparsesync"]["link_bytes"] else 0
+        print(f"| {rate} | {' | '.join(cells)} | {sp:.1f}x | {lb:.2f}x |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
+                                                    "rows": rows}, indent=1))
+    print(f"wrote {out.with_suffix('.json')}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no PNG plot; pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in METHODS:
+        pts = sorted((r["rate_bits"], r["seconds"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot([p[0] / 1e9 for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Gbit/s)")
+    ax.set_ylabel("time per sync (s)")
+    ax.set_title(f"{args.params / 1e9:.2f}B bf16 params, {args.density}% changed")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(f"wrote {out.with_suffix('.png')}")
+
+
+def main(args) -> int:
+    if args.worker == "recv":
+        return _serve_worker(args)
+    if args.worker == "send":
+        return _send_worker(args)
+    if args.serve:
+        return _serve_worker(args)
+    if args.peer:
+        args.stop_server = False
+        rows = []
+        for ln in subprocess.run([sys.executable, "-m", "sparsesync.cli", "bench", "--worker", "send", "--peer",
+                                  args.peer, "--params", str(args.params), "--density", str(args.density),
+                                  "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed), "--port",
+                                  str(args.port), "--methods", args.methods], capture_output=True, text=True,
+                                 check=True).stdout.splitlines():
+            if ln.startswith("{"):
+                row = json.loads(ln)
+                row.update(rate=f"real:{args.peer}", rate_bits=0)
+                rows.append(row)
+        report(rows, args)
+        return 0
+    rows = run_emulated(args)
+    report(rows, args)
+    return 0 if all(r["exact"] for r in rows) else 1
