@@ -128,7 +128,7 @@ struct Decoder {
       if (MODE == 1) {
         nv = (T)(((uint64_t)s << (B - 8)) | extra);
       } else {
-        T ov = load_elem<W>(old_bits + (base + p) * W);
+        // store the difference d; the old values are added in a second pass (independent loads, prefetched)
         uint64_t m;
         unsigned neg;
         if (s < 16) {
@@ -139,9 +139,17 @@ struct Decoder {
           neg = (unsigned)(extra & 1);
           m = (1ull << (nb - 1)) | (extra >> 1);
         }
-        nv = neg ? (T)(ov - (T)m) : (T)(ov + (T)m);
+        nv = neg ? (T)(T(0) - (T)m) : (T)m;
       }
       store_elem<W>(V + (uint64_t)i * W, nv);
+    }
+    if (MODE == 0) {
+      constexpr int64_t kAhead = 32;
+      for (int64_t i = 0; i < cnt; ++i) {
+        if (i + kAhead < cnt) __builtin_prefetch(old_bits + I[i + kAhead] * W, 0, 0);
+        T d = load_elem<W>(V + (uint64_t)i * W);
+        store_elem<W>(V + (uint64_t)i * W, (T)(load_elem<W>(old_bits + I[i] * W) + d));
+      }
     }
     // bit stream consumed exactly: fewer than 8 bits left, all zero
     if (total - br.bitpos >= 8) return SS_ESTREAM;
