@@ -412,11 +412,12 @@ class Decoder:
     """Applies updates to ``state`` in place, all or nothing.
 
     ``state``: Mapping name -> contiguous CPU tensor (the receiver's weights). ``version``: the version it holds.
-    ``verify_digest``: after applying, recompute the state digest and compare it with the encoder's (when the update
-    carries one); on a mismatch the change is rolled back and :class:`BaseMismatch` is raised.
+    ``verify_digest`` (default True): when an update carries the encoder's state digest (``Encoder(digest=True)``),
+    recompute the digest after applying; on a mismatch the change is rolled back and :class:`BaseMismatch` is raised.
+    Updates without a digest cost nothing extra.
     """
 
-    def __init__(self, state, version: int = 0, *, verify_digest: bool = False):
+    def __init__(self, state, version: int = 0, *, verify_digest: bool = True):
         Encoder._check_version(version)
         self.state: dict[str, torch.Tensor] = {}
         for name, t in _as_items(state):

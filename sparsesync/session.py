@@ -38,7 +38,7 @@ class Receiver:
     """
 
     def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token=None, version: int = 0,
-                 on_update=None, ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = False,
+                 on_update=None, ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = True,
                  forward_to=None, forward_token=None, max_bucket: int = wire.DEFAULT_MAX_BUCKET,
                  handshake_timeout: float = 10.0, idle_timeout: float = 300.0,
                  allow_unauthenticated: bool = False):
