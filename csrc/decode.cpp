@@ -20,6 +20,8 @@ struct DecTables {
   uint32_t freq[256];
   uint32_t cum[256];
   uint8_t slot_sym[kProbScale];
+  // per slot: bits 0..11 freq-1, bits 12..23 slot-cum, bits 24..31 symbol (one load per rANS step)
+  uint32_t slot_info[kProbScale];
 };
 
 template <int W, int MODE>
@@ -52,20 +54,29 @@ struct Decoder {
     {
       uint32_t x = load_u32(rans);
       uint64_t rp = 4;
-      const uint32_t* freq = tab->freq;
-      const uint32_t* cum = tab->cum;
-      const uint8_t* slot_sym = tab->slot_sym;
+      uint32_t bad = 0;
+      const uint32_t* info = tab->slot_info;
+      const uint64_t last = rl - 1;
       for (int64_t i = 0; i < cnt; ++i) {
-        uint32_t slot = x & (kProbScale - 1);
-        uint32_t s = slot_sym[slot];
+        uint32_t e_ = info[x & (kProbScale - 1)];
         // no overflow: freq <= 4096, x >> 12 < 2^20, slot - cum < freq
-        x = freq[s] * (x >> kProbBits) + slot - cum[s];
-        while (x < kRansL) {
-          if (SS_UNLIKELY(rp >= rl)) return SS_ESTREAM;
+        x = ((e_ & 0xfff) + 1) * (x >> kProbBits) + ((e_ >> 12) & 0xfff);
+        S[i] = (uint8_t)(e_ >> 24);
+        // from a valid state at most two bytes are needed: do those branch-free (reads clamped inside the
+        // stream, an overrun is remembered and reported as the reference does), then loop for the rest
+        for (int r = 0; r < 2; ++r) {
+          uint32_t b = x < kRansL;
+          uint32_t byte = rans[rp < last ? rp : last];
+          bad |= b & (uint32_t)(rp >= rl);
+          x = b ? ((x << 8) | byte) : x;
+          rp += b;
+        }
+        while (SS_UNLIKELY(x < kRansL)) {
+          if (rp >= rl) return SS_ESTREAM;
           x = (x << 8) | rans[rp++];
         }
-        S[i] = (uint8_t)s;
       }
+      if (bad) return SS_ESTREAM;
       if (x != kRansL || rp != rl) return SS_ERANS;
     }
 
@@ -124,6 +135,7 @@ struct Decoder {
         p += (int64_t)g + 1;
       }
       I[i] = base + p;
+      if (MODE == 0) __builtin_prefetch(old_bits + (base + p) * W, 0, 3);  // used by the apply pass below
       T nv;
       if (MODE == 1) {
         nv = (T)(((uint64_t)s << (B - 8)) | extra);
@@ -144,11 +156,12 @@ struct Decoder {
       store_elem<W>(V + (uint64_t)i * W, nv);
     }
     if (MODE == 0) {
-      constexpr int64_t kAhead = 32;
+      // second pass: new = old + d. The old values were prefetched while decoding the positions, so these loads
+      // are independent cache hits instead of a chain of misses inside the decode loop.
+      const uint8_t* ob = old_bits;
       for (int64_t i = 0; i < cnt; ++i) {
-        if (i + kAhead < cnt) __builtin_prefetch(old_bits + I[i + kAhead] * W, 0, 0);
         T d = load_elem<W>(V + (uint64_t)i * W);
-        store_elem<W>(V + (uint64_t)i * W, (T)(load_elem<W>(old_bits + I[i] * W) + d));
+        store_elem<W>(V + (uint64_t)i * W, (T)(load_elem<W>(ob + I[i] * W) + d));
       }
     }
     // bit stream consumed exactly: fewer than 8 bits left, all zero
@@ -247,7 +260,10 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
   for (int s = 0; s < 256; ++s) {
     tab.freq[s] = freq[s];
     tab.cum[s] = acc;
-    for (uint32_t j = 0; j < freq[s]; ++j) tab.slot_sym[acc + j] = (uint8_t)s;
+    for (uint32_t j = 0; j < freq[s]; ++j) {
+      tab.slot_sym[acc + j] = (uint8_t)s;
+      tab.slot_info[acc + j] = (freq[s] - 1) | (j << 12) | ((uint32_t)s << 24);
+    }
     acc += freq[s];
   }
 

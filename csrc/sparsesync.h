@@ -68,6 +68,14 @@ int ss_decode(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint
  * writes nothing. */
 int ss_scatter(uint8_t* dst, int64_t n, int w, const int64_t* idx, const uint8_t* vals, int64_t count, int nthreads);
 
+/* 1 if the library was built with the CUDA sources (CMake option SPARSESYNC_CUDA), else 0. */
+int ss_cuda_compiled(void);
+
+/* SIMD paths (results are bit-identical either way; for tests and benchmarks). max_level >= 0 caps the level used
+ * from now on (0 = portable code only, 1 = also AVX-512 where the CPU has it); max_level < 0 only queries.
+ * Returns the level now in use. */
+int ss_simd(int max_level);
+
 #ifdef __cplusplus
 }
 #endif

@@ -220,6 +220,7 @@ SS_INLINE int plan_threads(int nthreads, int64_t ntasks, int64_t total_work, int
 uint64_t h64(const uint8_t* data, uint64_t len, uint64_t seed);
 uint64_t tree64(const uint8_t* data, uint64_t len, int nthreads);
 uint64_t tree64_serial(const uint8_t* data, uint64_t len);
+int simd(int max_level);
 
 }  // namespace ss
 
