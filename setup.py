@@ -24,6 +24,15 @@ LIB_NAME = "libsparsesync.dylib" if sys.platform == "darwin" else "libsparsesync
 EXT_NAME = "sparsesync.libsparsesync"
 
 
+def _install_file(src: Path, dest: Path) -> None:
+    """Copy src to dest through a temporary file and an atomic rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dest)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -62,10 +71,19 @@ class CMakeBuild(build_ext):
         built = next((p for p in (build_dir / LIB_NAME, build_dir / cfg / LIB_NAME) if p.exists()), None)
         if built is None:
             raise RuntimeError(f"sparsesync: CMake did not produce {LIB_NAME} in {build_dir}")
-        dest = Path(self.get_ext_fullpath(ext.name))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built, dest)
-        os.chmod(dest, 0o755)
+        _install_file(built, Path(self.get_ext_fullpath(ext.name)))
+
+    def copy_extensions_to_source(self) -> None:
+        # editable installs / --inplace: put the library next to sparsesync/_native.py. Replaces the file atomically
+        # (new inode) so that processes which already have the old library mapped keep working.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            if not isinstance(ext, CMakeExtension):
+                continue
+            package, _, _ = self.get_ext_fullname(ext.name).rpartition(".")
+            inplace = Path(build_py.get_package_dir(package)).resolve() / LIB_NAME
+            regular = Path(self.build_lib) / self.get_ext_filename(ext.name)
+            _install_file(regular, inplace)
 
 
 cmdclass = {"build_ext": CMakeBuild}
