@@ -57,7 +57,7 @@ uint64_t h64(const uint8_t* data, uint64_t len, uint64_t seed) {
 
 // ---------------------------------------------------------------- SIMD leaf hashing
 // 8 full leaves at a time with AVX-512 (vpmullq): zmm p holds the 4 lanes of two leaves. Bit-identical to h64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(SS_NO_AVX512)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SS_PORTABLE)
 #define SS_HAVE_AVX512_PATH 1
 #include <immintrin.h>
 // GCC 12 warns about _mm512_undefined_epi32() inside its own intrinsics (false positive)

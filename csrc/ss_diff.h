@@ -13,7 +13,7 @@ namespace ss {
 template <int W>
 SS_INLINE uint64_t diff_mask64(const uint8_t* a, const uint8_t* b);
 
-#if defined(__SSE2__) && !defined(SS_BIG_ENDIAN)
+#if defined(__SSE2__) && !defined(SS_BIG_ENDIAN) && !defined(SS_PORTABLE)
 
 SS_INLINE __m128i ld(const uint8_t* p) { return _mm_loadu_si128((const __m128i*)p); }
 
@@ -67,17 +67,47 @@ SS_INLINE uint64_t diff_mask64<8>(const uint8_t* a, const uint8_t* b) {
   return ~eq;
 }
 
-#else  // portable fallback (GCC vectorizes these loops on most targets)
+#else  // portable fallback: SWAR on 64-bit words (no SIMD intrinsics; also the path on aarch64 / big-endian)
+
+// For x = a ^ b holding 64/(8*W) lanes, returns one bit per nonzero lane (lane 0 -> bit 0).
+template <int W>
+SS_INLINE uint64_t nonzero_lanes(uint64_t x);
+template <>
+SS_INLINE uint64_t nonzero_lanes<8>(uint64_t x) { return x != 0; }
+template <>
+SS_INLINE uint64_t nonzero_lanes<4>(uint64_t x) {
+  const uint64_t lo = 0x7fffffff7fffffffull;
+  uint64_t nz = (((x & lo) + lo) | x) & ~lo;  // top bit of each 32-bit lane: lane != 0
+  return ((nz >> 31) & 1) | ((nz >> 62) & 2);
+}
+template <>
+SS_INLINE uint64_t nonzero_lanes<2>(uint64_t x) {
+  const uint64_t lo = 0x7fff7fff7fff7fffull;
+  uint64_t nz = ((((x & lo) + lo) | x) & ~lo) >> 15;  // bits 0, 16, 32, 48
+  return ((nz * 0x0001000200040008ull) >> 48) & 0xf;  // gathered at bits 48..51 (no carries below)
+}
+template <>
+SS_INLINE uint64_t nonzero_lanes<1>(uint64_t x) {
+  const uint64_t lo = 0x7f7f7f7f7f7f7f7full;
+  uint64_t nz = ((((x & lo) + lo) | x) & ~lo) >> 7;  // bits 0, 8, ..., 56
+  return (nz * 0x0102040810204080ull) >> 56;         // lane i -> bit 56+i (no carries)
+}
 
 template <int W>
 SS_INLINE uint64_t diff_mask64(const uint8_t* a, const uint8_t* b) {
-  typedef typename UInt<W>::T T;
+  constexpr int kLanes = 8 / W;  // elements per 64-bit word
   uint64_t m = 0;
-  for (int i = 0; i < 64; ++i) {
-    T x, y;
-    memcpy(&x, a + (size_t)i * W, W);
-    memcpy(&y, b + (size_t)i * W, W);
-    m |= (uint64_t)(x != y) << i;
+  for (int i = 0; i < 8 * W; ++i) {
+    uint64_t x, y;
+    memcpy(&x, a + 8 * i, 8);
+    memcpy(&y, b + 8 * i, 8);
+#ifdef SS_BIG_ENDIAN
+    // element 0 sits in the most significant bytes: reversing the bytes puts the lanes in memory order (the byte
+    // order inside a lane does not matter for "lane != 0")
+    x = __builtin_bswap64(x);
+    y = __builtin_bswap64(y);
+#endif
+    m |= nonzero_lanes<W>(x ^ y) << (kLanes * i);
   }
   return m;
 }
