@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import (DTYPE_IDS, DTYPES, VALUE_MODES, apply_update, assert_state_equal, bits_equal, check_segments_cover,
+from helpers import (examples, DTYPE_IDS, DTYPES, VALUE_MODES, apply_update, assert_state_equal, bits_equal, check_segments_cover,
                      check_stats, clone_state, densities, dtypes, from_patterns, gen, headers, ivw, mutate,
                      random_tensor, roundtrip, seeds, shapes, special_patterns, styles, value_modes)
 from sparsesync import Decoder, Encoder, LayoutMismatch, state_digest
@@ -18,7 +18,7 @@ from sparsesync.format import parse_bucket
 # ---------------------------------------------------------------------------------------------------------------------
 # single tensors, everything drawn by hypothesis
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(dtype=dtypes, shape=shapes(), density=densities, values=value_modes, seed=seeds, style=styles,
        via=st.sampled_from(["apply", "feed", "list"]))
 def test_roundtrip_single_tensor(dtype, shape, density, values, seed, style, via):
@@ -30,7 +30,7 @@ def test_roundtrip_single_tensor(dtype, shape, density, values, seed, style, via
     assert upd.base_version == 0 and upd.version == 1 and upd.values == values
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(data=st.data(), ntensors=st.integers(1, 6), values=value_modes, seed=seeds,
        bucket_bytes=st.sampled_from([None, 4096, 5000, 16384]))
 def test_roundtrip_state(data, ntensors, values, seed, bucket_bytes):
@@ -49,7 +49,7 @@ def test_roundtrip_state(data, ntensors, values, seed, bucket_bytes):
     check_segments_cover(upd, new, old)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(dtype=dtypes, shape=shapes(max_numel=10000), seed=seeds, values=value_modes)
 def test_full_update_roundtrip(dtype, shape, seed, values):
     """An Encoder without base makes a full update; it reproduces the state on a receiver holding anything."""
@@ -107,7 +107,7 @@ def test_extreme_deltas(w, dtype, values):
 # ---------------------------------------------------------------------------------------------------------------------
 # version chains
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(seed=seeds, values=value_modes, bucket_bytes=st.sampled_from([None, 4096]), digest=st.booleans(),
        stream=st.booleans())
 def test_version_chain(seed, values, bucket_bytes, digest, stream):
@@ -255,7 +255,7 @@ def test_small_buckets(multi_bucket_update, via):
     assert st_.changed == sum(seg.nchanged for h in hs for seg in h.segs)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(seed=seeds, values=value_modes, bucket_bytes=st.sampled_from([4096, 4100, 6000, 9000]),
        dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float64, torch.uint8]),
        density=st.sampled_from([0.02, 0.3, 1.0]))
@@ -311,7 +311,7 @@ def test_bucket_bytes_validation():
 # ---------------------------------------------------------------------------------------------------------------------
 # non-contiguous inputs
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(dtype=dtypes, rows=st.integers(1, 90), cols=st.integers(0, 90), density=densities, values=value_modes,
        seed=seeds)
 def test_noncontiguous_inputs(dtype, rows, cols, density, values, seed):
