@@ -8,7 +8,7 @@ VARIABLES = {
     "SPARSESYNC_BUCKET_BYTES": (str(32 << 20), "int", "default bucket body size target in bytes"),
     "SPARSESYNC_LIB": ("", "path", "load the native library from this path instead of the package directory"),
     "SPARSESYNC_REFERENCE": ("0", "bool", "1 = use the pure-PyTorch reference kernels even if the native library loads"),
-    "SPARSESYNC_CUDA": ("auto", "0|1|auto", "build time: compile the CUDA sources (auto = when nvcc is found)"),
+    "SPARSESYNC_CUDA": ("auto", "0, 1 or auto", "build time: compile the CUDA sources (auto = when nvcc is found)"),
 }
 
 
@@ -36,3 +36,15 @@ def get_bool(name: str) -> bool:
 def threads() -> int:
     n = get_int("SPARSESYNC_THREADS")
     return n if n > 0 else (os.cpu_count() or 1)
+
+
+def markdown_table() -> str:
+    """The README's configuration table (python -m sparsesync.config)."""
+    rows = ["| variable | default | type | meaning |", "|---|---|---|---|"]
+    for name, (default, typ, doc) in VARIABLES.items():
+        rows.append(f"| `{name}` | `{default or '(unset)'}` | {typ} | {doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
