@@ -17,9 +17,6 @@ struct ChunkIn {
 };
 
 struct DecTables {
-  uint32_t freq[256];
-  uint32_t cum[256];
-  uint8_t slot_sym[kProbScale];
   // per slot: bits 0..11 freq-1, bits 12..23 slot-cum, bits 24..31 symbol (one load per rANS step)
   uint32_t slot_info[kProbScale];
 };
@@ -258,12 +255,7 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
   DecTables tab;
   uint32_t acc = 0;
   for (int s = 0; s < 256; ++s) {
-    tab.freq[s] = freq[s];
-    tab.cum[s] = acc;
-    for (uint32_t j = 0; j < freq[s]; ++j) {
-      tab.slot_sym[acc + j] = (uint8_t)s;
-      tab.slot_info[acc + j] = (freq[s] - 1) | (j << 12) | ((uint32_t)s << 24);
-    }
+    for (uint32_t j = 0; j < freq[s]; ++j) tab.slot_info[acc + j] = (freq[s] - 1) | (j << 12) | ((uint32_t)s << 24);
     acc += freq[s];
   }
 
