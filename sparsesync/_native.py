@@ -152,14 +152,17 @@ def encode(old: torch.Tensor, new: torch.Tensor, w: int, mode: int, log2c: int, 
 
 
 def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int, chunk_begin: int, chunk_end: int,
-           freq, nchanged: int, expected_hash: int):
+           freq, nchanged: int, expected_hash: int, idx_out: torch.Tensor | None = None,
+           val_out: torch.Tensor | None = None):
     n = old.numel() // w
     freq = np.ascontiguousarray(freq, dtype=np.uint32)
     if freq.shape != (256,):
         raise KernelError(-5, "symbol table must have 256 entries")
     p, seg_len, _keep = _bufptr(seg)
-    idx = torch.empty(nchanged, dtype=torch.int64)
-    vals = torch.empty(nchanged * w, dtype=torch.uint8)
+    idx = torch.empty(nchanged, dtype=torch.int64) if idx_out is None else idx_out
+    vals = torch.empty(nchanged * w, dtype=torch.uint8) if val_out is None else val_out
+    if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()):
+        raise KernelError(-1, "output buffers have the wrong size")
     rc = lib.ss_decode(p, seg_len, table_len, _ptr(old), n, w, mode, log2c, chunk_begin, chunk_end,
                        freq.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF, _ptr(idx), _ptr(vals),
                        config.threads())

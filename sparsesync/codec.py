@@ -11,7 +11,7 @@ import torch
 
 from . import config
 from .digest import layout_digest, state_digest
-from .dtypes import byte_view, check_tensor, compare_layouts, name_of, width
+from .dtypes import BY_NAME, byte_view, check_tensor, compare_layouts, name_of, width
 from .errors import BaseMismatch, CorruptPayload, LayoutMismatch, SparseSyncError, VersionMismatch
 from .format import (VALUE_MODES, Header, Segment, build_freq, entropy_bits, header_hash, pack_bucket, pack_freq,
                      parse_bucket, rice_bits, unpack_freq, update_uid)
@@ -435,6 +435,8 @@ class Decoder:
         self.verify_digest = verify_digest
         self._pending: _Pending | None = None
         self.last_stats: ApplyStats | None = None
+        # staging buffers reused across updates (per bucket index): no fresh allocations in the steady state
+        self._arena: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def pending(self) -> bool:
@@ -475,6 +477,17 @@ class Decoder:
         except BaseException:
             self._pending = None
             raise
+
+    def _staging(self, i: int, count: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self._arena) <= i:
+            self._arena.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)))
+        idx, val = self._arena[i]
+        if idx.numel() < count:
+            idx = torch.empty(count, dtype=torch.int64)
+        if val.numel() < nbytes:
+            val = torch.empty(nbytes, dtype=torch.uint8)
+        self._arena[i] = (idx, val)
+        return idx, val
 
     def _check_layout(self, header: Header) -> None:
         if header.layout == self.layout_digest:
@@ -517,6 +530,10 @@ class Decoder:
             p.last_hash = hhash
         mode = VALUE_MODES[header.vals]
         seg_ids = []
+        sparse = [(seg, width(BY_NAME[seg.dtype])) for seg in header.segs if seg.kind == "s"]
+        arena_idx, arena_val = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
+                                             sum(sg.nchanged * w for sg, w in sparse))
+        io = vo = 0
         for seg in header.segs:
             t = self.state.get(seg.name)
             if t is None or name_of(t.dtype) != seg.dtype or tuple(t.shape) != seg.shape:
@@ -535,7 +552,10 @@ class Decoder:
                 try:
                     idx, vals = impl().decode(data, seg.table_len, byte_view(t), w, mode, seg.log2c,
                                               seg.start >> seg.log2c, -(-seg.end >> seg.log2c), freq, seg.nchanged,
-                                              seg.values_hash)
+                                              seg.values_hash, arena_idx[io: io + seg.nchanged],
+                                              arena_val[vo: vo + seg.nchanged * w])
+                    io += seg.nchanged
+                    vo += seg.nchanged * w
                 except KernelError as exc:
                     if exc.code == E_HASH and mode == VALUE_MODES["delta"]:
                         raise BaseMismatch(f"tensor {seg.name!r}: the decoder's values at version {self.version} "

@@ -127,6 +127,8 @@ def tree64(data) -> int:
 
 def _unsigned(bits: torch.Tensor, w: int) -> torch.Tensor:
     """Bit patterns as int64: unsigned values for w < 8, the raw (signed) u64 pattern for w == 8."""
+    if bits.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
     v = bits.view(_INT_VIEW[w]).to(torch.int64)
     if w < 8:
         v = v & ((1 << (8 * w)) - 1)
@@ -351,8 +353,10 @@ class _BitReader:
 
 
 def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int, chunk_begin: int, chunk_end: int,
-           freq, nchanged: int, expected_hash: int):
-    """Decode one sparse segment, enforcing FORMAT.md 4.4. Returns (idx int64 [nchanged], vals uint8 [nchanged*w])."""
+           freq, nchanged: int, expected_hash: int, idx_out: torch.Tensor | None = None,
+           val_out: torch.Tensor | None = None):
+    """Decode one sparse segment, enforcing FORMAT.md 4.4. Returns (idx int64 [nchanged], vals uint8 [nchanged*w]),
+    written into ``idx_out`` / ``val_out`` when given."""
     buf = bytes(memoryview(seg).cast("B"))
     ov = _unsigned(old, w)
     n = ov.numel()
@@ -366,6 +370,8 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
     freq = [int(f) for f in freq]
     if len(freq) != 256 or sum(freq) != SCALE:
         raise KernelError(E_RANS, "symbol table does not sum to 4096")
+    if any(freq[s] for s in range(max_symbol(w, mode) + 1, 256)):
+        raise KernelError(E_RANS, "symbol table has symbols above the maximum for this width and mode")
     cum = _cum(freq)
     slot_sym = []
     for s, f in enumerate(freq):
@@ -399,7 +405,8 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
         raise KernelError(E_TABLE, "streams do not fill the segment")
     if total != nchanged:
         raise KernelError(E_COUNT, "chunk counts do not add up to nchanged")
-    idx_out = torch.empty(nchanged, dtype=torch.int64)
+    if idx_out is None:
+        idx_out = torch.empty(nchanged, dtype=torch.int64)
     vals_out = []
     mask = (1 << (8 * w)) - 1
     o = 0
@@ -446,6 +453,9 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
     vals = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
     if tree64(vals) != expected_hash:
         raise KernelError(E_HASH, "values_hash mismatch")
+    if val_out is not None:
+        val_out.copy_(vals)
+        vals = val_out
     return idx_out, vals
 
 
