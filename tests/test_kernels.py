@@ -289,6 +289,16 @@ def test_scatter(impl):
         got = dst.clone()
         impl.scatter(got, w, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8))
         assert torch.equal(got, dst)
+        # values at any byte offset of a larger buffer (the decoder's staging buffers are shared by segments of
+        # different widths)
+        for off in range(1, 8):
+            arena = rand_bytes(off + 700 * w + 3, 200 + off)
+            vals_u = arena[off: off + 700 * w]
+            want = dst.clone()
+            want.view(-1, w)[idx] = vals_u.clone().view(-1, w)
+            got = dst.clone()
+            impl.scatter(got, w, idx, vals_u)
+            assert torch.equal(got, want), (w, off)
 
 
 @needs_native
