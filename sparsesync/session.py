@@ -21,6 +21,7 @@ from .digest import layout_digest, state_digest
 from .errors import CorruptPayload, SparseSyncError
 
 log = logging.getLogger("sparsesync")
+DEFAULT_SESSION_BUCKET = 4 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Receiver:
             t0 = time.perf_counter()
             try:
                 for _ in range(cnt):
-                    _, data = ch.recv((wire.BUCKET,))
+                    data = ch.recv_bucket()
                     if self._relay is not None:
                         buckets.append(data)
                     if err is None:
@@ -340,13 +341,15 @@ class Sender:
     ``timeout``: the window (seconds) a push waits for a peer; slower peers are cut off, reported, and caught up at a
     later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
     peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
+    ``bucket_bytes``: bucket size (default 4 MiB, so encode, wire and apply overlap). ``compress``: zstd each bucket
+    frame (for slow links; it gains little on sparse deltas, ~1.3x on full bf16 updates).
     """
 
     def __init__(self, peers, *, token=None, backend: str = "tcp", base=None, base_version: int | None = None,
                  values: str = "delta", bucket_bytes: int | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.2, retain: int = 4,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
-                 allow_unauthenticated: bool = False):
+                 compress: bool = False, allow_unauthenticated: bool = False):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
@@ -358,7 +361,11 @@ class Sender:
         self.peers = [_Peer(p) for p in peers]
         if len({p.url for p in self.peers}) != len(self.peers):
             raise ValueError("duplicate peer addresses")
-        self.encoder = Encoder(base, base_version, values=values, bucket_bytes=bucket_bytes, digest=digest)
+        # small buckets by default so that encode, wire and apply overlap (pipelining)
+        self.encoder = Encoder(base, base_version, values=values,
+                               bucket_bytes=DEFAULT_SESSION_BUCKET if bucket_bytes is None else bucket_bytes,
+                               digest=digest)
+        self.compress = compress
         self.bucket_bytes = self.encoder.bucket_bytes
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -528,9 +535,9 @@ class Sender:
         ch.send_msg(wire.UPDATE, {"cnt": cnt})
         n = 0
         for b in buckets_iter:
-            ch.send(wire.BUCKET, b)
-            n += len(b)
-            prog.add(len(b))
+            k = ch.send_bucket(b, self.compress)
+            n += k
+            prog.add(k)
         _, ack = ch.recv_msg((wire.ACK,))
         return n, ack
 

@@ -21,9 +21,9 @@ from .errors import SparseSyncError
 PROTOCOL = 1
 FRAME = struct.Struct("<BQ")
 
-CHALLENGE, AUTH, WELCOME, UPDATE, BUCKET, ACK, BYE, REJECT = range(1, 9)
+CHALLENGE, AUTH, WELCOME, UPDATE, BUCKET, ACK, BYE, REJECT, BUCKET_Z = range(1, 10)
 NAMES = {CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", UPDATE: "UPDATE", BUCKET: "BUCKET", ACK: "ACK",
-         BYE: "BYE", REJECT: "REJECT"}
+         BYE: "BYE", REJECT: "REJECT", BUCKET_Z: "BUCKET_Z"}
 MAX_CONTROL = 64 << 10
 DEFAULT_MAX_BUCKET = 1 << 30
 
@@ -121,10 +121,39 @@ class Channel:
             raise ProtocolError(f"{self.peer}: unknown frame type {ftype}")
         if expect is not None and ftype not in expect:
             raise ProtocolError(f"{self.peer}: got {NAMES[ftype]}, expected {'/'.join(NAMES[e] for e in expect)}")
-        bound = max_len if max_len is not None else (self.max_bucket if ftype == BUCKET else MAX_CONTROL)
+        bound = max_len if max_len is not None else \
+            (self.max_bucket if ftype in (BUCKET, BUCKET_Z) else MAX_CONTROL)
         if length > bound:
             raise ProtocolError(f"{self.peer}: {NAMES[ftype]} frame of {length} bytes exceeds the {bound}-byte limit")
         return ftype, self._recv_exact(length)
+
+    def send_bucket(self, bucket, compress: bool) -> int:
+        """Send one bucket, zstd-compressed (BUCKET_Z) when asked and smaller; returns the payload bytes sent."""
+        if compress:
+            import zstandard
+            z = zstandard.ZstdCompressor(level=3).compress(bucket)
+            if len(z) < len(bucket):
+                self.send(BUCKET_Z, z)
+                return len(z)
+        self.send(BUCKET, bucket)
+        return len(bucket)
+
+    def recv_bucket(self) -> bytearray | bytes:
+        """Receive one bucket (BUCKET or BUCKET_Z), decompressing with the same size bound."""
+        ftype, data = self.recv((BUCKET, BUCKET_Z))
+        if ftype == BUCKET:
+            return data
+        import zstandard
+        try:
+            size = zstandard.frame_content_size(bytes(data[:18]))
+            if size < 0 or size > self.max_bucket:   # unknown or oversized: refuse before allocating
+                raise ProtocolError(f"{self.peer}: compressed bucket declares {size} bytes (limit {self.max_bucket})")
+            out = zstandard.ZstdDecompressor().decompress(bytes(data), max_output_size=self.max_bucket)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"{self.peer}: compressed bucket is invalid: {exc}") from None
+        if len(out) > self.max_bucket:
+            raise ProtocolError(f"{self.peer}: compressed bucket expands beyond {self.max_bucket} bytes")
+        return out
 
     def recv_msg(self, expect: tuple[int, ...]) -> tuple[int, dict]:
         ftype, data = self.recv(expect, MAX_CONTROL)

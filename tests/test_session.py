@@ -357,3 +357,43 @@ def test_sender_refuses_missing_token_and_receiver_defaults_to_loopback():
         Receiver(make_state())
     r = Receiver(make_state(), token=TOKEN)
     assert r.host == "127.0.0.1"
+
+
+def test_zstd_outer_compression_and_forged_compressed_frame(receivers):
+    import zstandard
+    base = make_state(9)
+    r = receivers({k: torch.zeros_like(v) for k, v in base.items()}, version=3)
+    with Sender([r.address], token=TOKEN, progress=False, compress=True) as s:
+        st = s.push(base, 1)                                   # a full update: compressible bf16
+        assert st.ok and st.peers[0].bytes < st.wire_bytes
+        cur = step_state(base, 2)
+        assert s.push(cur, 2).ok
+    assert ss.state_digest(r.state) == ss.state_digest(cur)
+    # a compressed frame that declares a huge content size is refused before decompression
+    _, host, port = wire.parse_url(r.address)
+    sock = socket.create_connection((host, port), timeout=5)
+    ch = wire.Channel(sock, peer="forger")
+    wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
+    ch.send_msg(wire.UPDATE, {"cnt": 1})
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(b"\0" * 1000)
+    ch.send(wire.BUCKET_Z, _declare_huge(bytearray(frame)))
+    sock.settimeout(5)
+    assert sock.recv(4096) == b""
+    ch.close()
+    assert r.version == 2 and ss.state_digest(r.state) == ss.state_digest(cur)
+
+
+def _declare_huge(frame: bytearray) -> bytes:
+    """Rewrite a zstd frame header to declare an 8-byte content size of 2^40 (a decompression bomb's header)."""
+    import zstandard
+    f = bytearray(frame)
+    fhd = f[4]
+    size_flag = fhd >> 6
+    single = (fhd >> 5) & 1
+    did = fhd & 3
+    pos = 5 + (0 if single else 1) + [0, 1, 2, 4][did]
+    nbytes = [1 if single else 0, 2, 4, 8][size_flag]
+    new_fhd = (3 << 6) | (fhd & 0x3F)
+    out = f[:4] + bytes([new_fhd]) + f[5:pos] + (1 << 40).to_bytes(8, "little") + f[pos + nbytes:]
+    assert zstandard.frame_content_size(bytes(out)) == 1 << 40
+    return bytes(out)
