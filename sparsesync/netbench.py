@@ -58,6 +58,7 @@ def argparse_hidden():
 def model_states(params: float, density_pct: float, tensor_elems: int, seed: int, want_new: bool):
     """Base state and (optionally) the next state: trace-like +-1..+-8 ulp moves at the given density."""
     g = torch.Generator().manual_seed(seed)
+    gc = torch.Generator().manual_seed(seed + 1)          # changes: their own stream, so base is the same either way
     total = int(params)
     base, new = {}, {}
     i = 0
@@ -70,9 +71,9 @@ def model_states(params: float, density_pct: float, tensor_elems: int, seed: int
         base[name] = w
         if want_new:
             k = int(n * density_pct / 100)
-            idx = torch.randint(0, n, (k,), generator=g).unique()
-            mag = steps[torch.multinomial(probs, idx.numel(), replacement=True, generator=g)]
-            sign = torch.randint(0, 2, (idx.numel(),), generator=g, dtype=torch.int16) * 2 - 1
+            idx = torch.randint(0, n, (k,), generator=gc).unique()
+            mag = steps[torch.multinomial(probs, idx.numel(), replacement=True, generator=gc)]
+            sign = torch.randint(0, 2, (idx.numel(),), generator=gc, dtype=torch.int16) * 2 - 1
             nw = w.clone()
             nw.view(torch.int16)[idx] += mag * sign
             new[name] = nw
@@ -154,6 +155,12 @@ def _serve_worker(args) -> int:
                     if code == 254:      # digest of the sparsesync receiver
                         conn.sendall(state_digest(r.state).encode())
                         continue
+                    if code == 253:      # wire only: receive and discard (phase timing)
+                        for _ in range(count):
+                            (n,) = struct.unpack("<Q", _recv_exact(conn, 8))
+                            _recv_exact(conn, n)
+                        conn.sendall(b"0" * 64)
+                        continue
                     method = METHODS[code]
                     blobs = []
                     for _ in range(count):
@@ -206,6 +213,24 @@ def _send_worker(args) -> int:
                           "link_bytes": _link_bytes(dev) - b0, "exact": got == want, "changed": changed}),
               flush=True)
     if "sparsesync" in methods:
+        # phases alone, for the pipelining ratio: encode alone, the same bytes over the same link alone
+        from .codec import Encoder
+        from .session import DEFAULT_SESSION_BUCKET
+        enc = Encoder(base, 0, bucket_bytes=DEFAULT_SESSION_BUCKET)
+        t0 = time.perf_counter()
+        buckets = enc.encode(new, 1).buckets
+        phase_encode = time.perf_counter() - t0
+        del enc
+        sock = socket.create_connection((args.peer, args.port + 1), timeout=600)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.perf_counter()
+        sock.sendall(struct.pack("<BQ", 253, len(buckets)))
+        for b in buckets:
+            sock.sendall(struct.pack("<Q", len(b)))
+            sock.sendall(b)
+        _recv_exact(sock, 64)
+        phase_wire = time.perf_counter() - t0
+        sock.close()
         sender = Sender([f"tcp://{args.peer}:{args.port}"], token=token, base=base, base_version=0, progress=False,
                         timeout=600)
         sender._connect_all(time.perf_counter() + 60)   # session set-up (handshake) is not part of a sync
@@ -219,8 +244,10 @@ def _send_worker(args) -> int:
         sock.sendall(struct.pack("<BQ", 254, 0))
         got = _recv_exact(sock, 64).decode()
         sock.close()
+        slowest = max(phase_encode, phase_wire, p.apply_s)
         print(json.dumps({"method": "sparsesync", "seconds": total, "encode_s": st.encode_s,
-                          "wire_s": p.wire_s, "apply_s": p.apply_s, "payload_bytes": st.wire_bytes,
+                          "phase_encode_s": phase_encode, "phase_wire_s": phase_wire, "phase_apply_s": p.apply_s,
+                          "pipelining_ratio": total / slowest, "payload_bytes": st.wire_bytes,
                           "link_bytes": link, "exact": got == want and p.ok, "changed": changed,
                           "error": p.error}), flush=True)
         sender.close()
@@ -357,6 +384,13 @@ def report(rows: list[dict], args) -> None:
         lb = by["int32+raw"]["link_bytes"] / by["sparsesync"]["link_bytes"] \
             if "int32+raw" in by and "sparsesync" in by and by["sparsesync"]["link_bytes"] else 0
         print(f"| {rate} | {' | '.join(cells)} | {sp:.1f}x | {lb:.2f}x |")
+    print("\nsparsesync phases (each alone) and pipelining (end to end / slowest phase):")
+    print("| link | encode s | wire s | decode+apply s | end to end s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["method"] == "sparsesync" and "phase_encode_s" in r:
+            print(f"| {r['rate']} | {r['phase_encode_s']:.3f} | {r['phase_wire_s']:.3f} | {r['phase_apply_s']:.3f} "
+                  f"| {r['seconds']:.3f} | {r['pipelining_ratio']:.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
