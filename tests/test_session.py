@@ -397,3 +397,33 @@ def _declare_huge(frame: bytearray) -> bytes:
     out = f[:4] + bytes([new_fhd]) + f[5:pos] + (1 << 40).to_bytes(8, "little") + f[pos + nbytes:]
     assert zstandard.frame_content_size(bytes(out)) == 1 << 40
     return bytes(out)
+
+
+def _self_signed(tmp_path):
+    import shutil
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not available to make a test certificate")
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return key, crt
+
+
+def test_tls_session(tmp_path, receivers):
+    import ssl
+    key, crt = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(crt, key)
+    client_ctx = ssl.create_default_context(cafile=str(crt))
+    base = make_state(10)
+    r = receivers(clone(base), ssl_context=server_ctx)
+    with Sender([r.address], token=TOKEN, base=base, base_version=0, progress=False, ssl_context=client_ctx) as s:
+        cur = step_state(base, 1)
+        assert s.push(cur, 1).ok
+    assert ss.state_digest(r.state) == ss.state_digest(cur)
+    # a client that does not trust the certificate cannot talk to it
+    with Sender([r.address], token=TOKEN, base=cur, base_version=1, progress=False, retries=0, timeout=5,
+                ssl_context=ssl.create_default_context()) as s:
+        st = s.push(step_state(cur, 2), 2)
+    assert not st.ok and r.version == 1
