@@ -829,3 +829,34 @@ def test_parse_bucket_accepts_valid_and_rejects_bad_types(case):
     for bad in (None, 5, "abc", object()):
         with pytest.raises(CorruptPayload):
             parse_bucket(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# replays and out-of-order versions
+
+def test_replayed_update_is_a_version_mismatch(case):
+    dst, dec = fresh(case)
+    dec.apply(case["upd"])
+    rejected(case, dst, dec, case["upd"], VersionMismatch, exact_type=True)
+    dec.apply(case["nxt"])
+    assert dec.version == 2
+    assert_state_equal(dst, case["nxt_state"])
+    rejected(case, dst, dec, case["upd"], VersionMismatch, exact_type=True)
+    rejected(case, dst, dec, case["nxt"], VersionMismatch, exact_type=True)
+
+
+def test_skipped_version_is_a_version_mismatch(case):
+    dst, dec = fresh(case)
+    rejected(case, dst, dec, case["nxt"], VersionMismatch, exact_type=True, then_apply=False)
+    dec.apply(case["upd"])
+    dec.apply(case["nxt"])
+    assert_state_equal(dst, case["nxt_state"])
+
+
+def test_replayed_full_update_is_idempotent(case):
+    full = Encoder(values=case["values"], bucket_bytes=4096).encode(case["new"], 5)
+    dst, dec = fresh(case)
+    dec.apply(full)
+    dec.apply(full)
+    assert dec.version == 5
+    assert_state_equal(dst, case["new"])

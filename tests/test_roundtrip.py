@@ -473,3 +473,67 @@ def test_roundtrip_state_both_kernels(data, values, seed):
             os.environ.pop("SPARSESYNC_REFERENCE", None)
         else:
             os.environ["SPARSESYNC_REFERENCE"] = prev
+
+
+def test_decoder_updates_parameters_and_shared_buffers_in_place(kernels_in_use):
+    """Receivers apply to nn.Parameters (requires_grad) and to tensors that are views into one flat buffer."""
+    torch.manual_seed(0)
+    src, dst_model = torch.nn.Linear(64, 48), torch.nn.Linear(64, 48)
+    dst_model.load_state_dict(src.state_dict())
+    enc = Encoder(dict(src.named_parameters()), 0, digest=True)
+    with torch.no_grad():
+        src.weight[::3, ::5] += 0.01
+        src.bias.copy_(torch.randn(48))
+    upd = enc.encode(dict(src.named_parameters()), 1)
+    params = dict(dst_model.named_parameters())
+    Decoder(params, 0, verify_digest=True).apply(upd)
+    assert_state_equal({k: v.detach() for k, v in params.items()},
+                       {k: v.detach() for k, v in src.named_parameters()})
+    assert all(p.requires_grad for p in dst_model.parameters())
+    dst_model(torch.randn(2, 64)).sum().backward()  # autograd still works on the updated parameters
+    # views into one flat buffer
+    flat_old = random_tensor((1000,), torch.float32, gen(3))
+    flat_new = mutate(flat_old, 0.05, gen(4))
+    split = lambda b: {"a": b[:400].view(20, 20), "b": b[400:700], "c": b[700:]}  # noqa: E731
+    upd = Encoder(split(flat_old), 0).encode(split(flat_new), 1)
+    buf = flat_old.clone()
+    Decoder(split(buf), 0).apply(upd)
+    assert bits_equal(buf, flat_new)
+
+
+def test_api_validation(small_state):
+    old, new = small_state
+    for bad in (-1, 1.0, True, "1", None):
+        with pytest.raises(ValueError):
+            Encoder(old, bad if bad is not None else -5)
+        with pytest.raises(ValueError):
+            Encoder(old, 0).encode(new, bad)
+        with pytest.raises(ValueError):
+            Decoder(clone_state(old), bad)
+    with pytest.raises(ValueError):
+        Encoder([("a", torch.zeros(2)), ("a", torch.zeros(2))])
+    with pytest.raises(ValueError):
+        Encoder().encode([("a", torch.zeros(2)), ("a", torch.zeros(2))], 1)
+    with pytest.raises(ValueError):
+        Decoder([("a", torch.zeros(2)), ("a", torch.zeros(2))])
+    with pytest.raises(TypeError):
+        Encoder().encode({"c": torch.zeros(2, dtype=torch.complex64)}, 1)
+    with pytest.raises(TypeError):
+        Encoder().encode({"x": [1.0, 2.0]}, 1)
+    with pytest.raises(TypeError):
+        Encoder().encode({5: torch.zeros(2)}, 1)
+    with pytest.raises(TypeError):
+        Decoder({"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_requires_grad_inputs_to_the_encoder():
+    """Parameters and non-leaf tensors with autograd history are read by value."""
+    w = torch.nn.Parameter(torch.randn(30, 40))
+    enc = Encoder({"w": w}, 0)
+    dst = {"w": w.detach().clone()}
+    with torch.no_grad():
+        w[3, 4] += 1
+    upd = enc.encode({"w": w * 1}, 1)  # a non-leaf tensor with grad history
+    assert upd.stats.changed == 1
+    Decoder(dst, 0).apply(upd)
+    assert_state_equal(dst, {"w": w.detach()})
