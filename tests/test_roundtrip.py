@@ -537,3 +537,25 @@ def test_requires_grad_inputs_to_the_encoder():
     assert upd.stats.changed == 1
     Decoder(dst, 0).apply(upd)
     assert_state_equal(dst, {"w": w.detach()})
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (or undocumented contract): Decoder.feed() stages dense segments as "
+                                       "memoryviews into the caller's bucket buffer and only copies them at commit; "
+                                       "a receiver that reuses one receive buffer for every bucket gets a silently "
+                                       "wrong state (version advanced, no error, checksums verified on bytes that "
+                                       "were later overwritten). Fix: copy dense payloads when staging, or document "
+                                       "that buckets must stay unchanged until the update completes")
+def test_feed_does_not_keep_references_to_the_callers_buffer():
+    g = gen(0)
+    old = {"x": torch.randint(-2 ** 31, 2 ** 31 - 1, (3000,), generator=g, dtype=torch.int32)}
+    new = {"x": torch.randint(-2 ** 31, 2 ** 31 - 1, (3000,), generator=g, dtype=torch.int32)}  # sent dense
+    upd = Encoder(old, 0, bucket_bytes=4096).encode(new, 1)
+    assert upd.count >= 3 and {s.kind for h in headers(upd) for s in h.segs} == {"d"}
+    dst = clone_state(old)
+    dec = Decoder(dst, 0)
+    buf = bytearray(max(len(b) for b in upd.buckets))  # one receive buffer, reused for every bucket
+    for b in upd.buckets:
+        buf[: len(b)] = b
+        dec.feed(memoryview(buf)[: len(b)])
+    assert dec.version == 1
+    assert_state_equal(dst, new)
