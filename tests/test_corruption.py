@@ -860,3 +860,24 @@ def test_replayed_full_update_is_idempotent(case):
     dec.apply(full)
     assert dec.version == 5
     assert_state_equal(dst, case["new"])
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="BUG: Decoder._feed sizes its staging buffers from the header's sparse segments "
+                          "(sum of nchanged) before checking the segments against the receiver's tensors, so a "
+                          "forged segment with a huge shape/nchanged (valid checksums) makes torch.empty raise "
+                          "RuntimeError (or allocate a huge amount) instead of CorruptPayload")
+def test_forged_huge_segment_is_corrupt_not_an_allocation(dcase):
+    bs = dcase["buckets"]
+    i, j = _first_sparse(bs)
+
+    def edit(k, m, body):
+        if k != i:
+            return m, body
+        segs = [list(s) for s in m["segs"]]
+        n = 1 << 40
+        segs[j][2], segs[j][5], segs[j][12] = [n], n, 1 << 38  # 2 TiB of staging if trusted
+        return dict(m, segs=segs), body
+
+    dst, dec = fresh(dcase)
+    rejected(dcase, dst, dec, rechain(bs, edit), CorruptPayload)
