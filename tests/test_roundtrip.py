@@ -559,3 +559,29 @@ def test_feed_does_not_keep_references_to_the_callers_buffer():
         dec.feed(memoryview(buf)[: len(b)])
     assert dec.version == 1
     assert_state_equal(dst, new)
+
+
+@pytest.mark.parametrize("values", VALUE_MODES)
+def test_tied_weights(kernels_in_use, values):
+    """Two names for one tensor (tied embeddings): decoded against the old values, written twice, and rolled back
+    exactly when the digest check fails."""
+    from sparsesync import BaseMismatch
+    W = random_tensor((100, 64), torch.bfloat16, gen(0))
+    old = {"embed": W, "lm_head": W, "b": torch.zeros(5)}
+    W2 = mutate(W, 0.05, gen(1), "ulp")
+    new = {"embed": W2, "lm_head": W2, "b": torch.ones(5)}
+    upd = Encoder(old, 0, values=values, digest=True).encode(new, 1)
+    R = W.clone()
+    dec = Decoder({"embed": R, "lm_head": R, "b": torch.zeros(5)}, 0, verify_digest=True)
+    dec.apply(upd)
+    assert bits_equal(R, W2)
+    # receiver differs at an element no segment touches: only the digest sees it; everything is rolled back
+    R = W.clone()
+    unchanged = int(((ivw(W) == ivw(W2)).reshape(-1)).nonzero()[0])
+    ivw(R).view(-1)[unchanged] ^= 1
+    before = R.clone()
+    b = torch.zeros(5)
+    dec = Decoder({"embed": R, "lm_head": R, "b": b}, 0, verify_digest=True)
+    with pytest.raises(BaseMismatch):
+        dec.apply(upd)
+    assert bits_equal(R, before) and bits_equal(b, torch.zeros(5)) and dec.version == 0
