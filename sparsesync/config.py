@@ -8,6 +8,7 @@ VARIABLES = {
     "SPARSESYNC_BUCKET_BYTES": (str(32 << 20), "int", "default bucket body size target in bytes"),
     "SPARSESYNC_LIB": ("", "path", "load the native library from this path instead of the package directory"),
     "SPARSESYNC_REFERENCE": ("0", "bool", "1 = use the pure-PyTorch reference kernels even if the native library loads"),
+    "SPARSESYNC_NCCL_LIB": ("", "path", "libnccl.so.2 to use for backend='nccl' (default: the nvidia-nccl wheel, then the system)"),
     "SPARSESYNC_CUDA": ("auto", "0, 1 or auto", "build time: compile the CUDA sources (auto = when nvcc is found)"),
 }
 

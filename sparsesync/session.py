@@ -41,9 +41,10 @@ class Receiver:
     def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token=None, version: int = 0,
                  on_update=None, ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = True,
                  forward_to=None, forward_token=None, max_bucket: int = wire.DEFAULT_MAX_BUCKET,
-                 handshake_timeout: float = 10.0, idle_timeout: float = 300.0,
+                 handshake_timeout: float = 10.0, idle_timeout: float = 300.0, nccl_device=None,
                  allow_unauthenticated: bool = False):
         self.token = wire.token_bytes(token)
+        self.nccl_device = nccl_device          # CUDA device for NCCL payloads (senders with backend="nccl")
         if self.token is None and not allow_unauthenticated:
             raise ValueError("Receiver needs a token (or allow_unauthenticated=True for trusted loopback tests)")
         self.decoder = Decoder(state, version, verify_digest=verify_digest)
@@ -158,11 +159,21 @@ class Receiver:
                         "layout": self.decoder.layout_digest}
             wire.server_handshake(ch, self.token, info, self.handshake_timeout)
             ch.settimeout(self.idle_timeout)
-            while self._running:
-                ftype, data = ch.recv((wire.UPDATE, wire.BYE), wire.MAX_CONTROL)
-                if ftype == wire.BYE:
-                    break
-                self._receive_update(ch, wire.unpack(data))
+            group = None
+            try:
+                while self._running:
+                    ftype, data = ch.recv((wire.UPDATE, wire.BYE, wire.NCCL_INIT), wire.MAX_CONTROL)
+                    if ftype == wire.BYE:
+                        break
+                    if ftype == wire.NCCL_INIT:
+                        if group is not None:
+                            group.close()
+                        group = self._join_nccl(ch, wire.unpack(data))
+                        continue
+                    self._receive_update(ch, wire.unpack(data), group)
+            finally:
+                if group is not None:
+                    group.close()
         except (SparseSyncError, OSError, socket.timeout, _ssl.SSLError) as exc:
             if self._running:
                 self.errors.append(f"{peer}: {exc}")
@@ -172,16 +183,44 @@ class Receiver:
                 self._conns.discard(ch)
                 ch.close()
 
-    def _receive_update(self, ch: wire.Channel, msg: dict) -> None:
+    def _join_nccl(self, ch: wire.Channel, msg: dict):
+        """Join the sender's NCCL communicator (the payload path); the control path stays on this connection."""
+        from . import nccl
+        try:
+            uid, rank, world = msg.get("uid"), msg.get("rank"), msg.get("world")
+            if not isinstance(uid, bytes) or not isinstance(rank, int) or not isinstance(world, int):
+                raise wire.ProtocolError("malformed NCCL_INIT")
+            device = self.nccl_device if self.nccl_device is not None else 0
+            group = nccl.NCCLGroup(uid, rank, world, device, max_bytes=self.max_bucket, timeout=self.idle_timeout)
+        except SparseSyncError as exc:
+            ch.send_msg(wire.NCCL_READY, {"ok": False, "error": str(exc)})
+            return None
+        ch.send_msg(wire.NCCL_READY, {"ok": True})
+        return group
+
+    def _receive_update(self, ch: wire.Channel, msg: dict, group=None) -> None:
         cnt = msg.get("cnt")
         if not isinstance(cnt, int) or not 1 <= cnt <= 1 << 30:
             raise wire.ProtocolError(f"UPDATE with invalid bucket count {cnt!r}")
+        via_nccl = msg.get("via") == "nccl"
+        if via_nccl and group is None:
+            raise wire.ProtocolError("UPDATE via NCCL without a communicator")
+        discard = bool(msg.get("discard"))        # NCCL members that cannot apply this delta still take part
         with self._lock:
             err, done, buckets = None, False, []
             t0 = time.perf_counter()
             try:
                 for _ in range(cnt):
-                    data = ch.recv_bucket()
+                    if via_nccl:
+                        _, m = ch.recv_msg((wire.BUCKET_NCCL,))
+                        size = m.get("size")
+                        if not isinstance(size, int) or not 0 < size <= self.max_bucket:
+                            raise wire.ProtocolError(f"NCCL bucket size {size!r} outside (0, {self.max_bucket}]")
+                        data = group.broadcast_bytes(None, size, root=0)
+                    else:
+                        data = ch.recv_bucket()
+                    if discard:
+                        continue
                     if self._relay is not None:
                         buckets.append(data)
                     if err is None:
@@ -192,6 +231,9 @@ class Receiver:
             except BaseException:
                 self.decoder.abort()        # connection cut mid-update: the state was never touched
                 raise
+            if discard:
+                ch.send_msg(wire.ACK, {"version": self.decoder.version, "ok": True, "discarded": True})
+                return
             if err is None and not done:
                 self.decoder.abort()
                 err = CorruptPayload("update ended before its last bucket")
@@ -349,7 +391,7 @@ class Sender:
                  values: str = "delta", bucket_bytes: int | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.2, retain: int = 4,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
-                 compress: bool = False, allow_unauthenticated: bool = False):
+                 compress: bool = False, nccl_device=None, allow_unauthenticated: bool = False):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
@@ -358,6 +400,12 @@ class Sender:
         if backend not in backends.NAMES:
             raise ValueError(f"unknown backend {backend!r}; choose from {sorted(backends.NAMES)}")
         self.backend = backend
+        if backend == "nccl":
+            from .nccl import NCCLBackend
+            NCCLBackend.check()               # a clear error here when there is no GPU or no libnccl
+        self.nccl_device = nccl_device
+        self._group = None                    # NCCL communicator with the peers in self._group_members
+        self._group_members: tuple = ()
         self.peers = [_Peer(p) for p in peers]
         if len({p.url for p in self.peers}) != len(self.peers):
             raise ValueError("duplicate peer addresses")
@@ -417,6 +465,7 @@ class Sender:
         return stats
 
     def close(self) -> None:
+        self._close_group()
         for p in self.peers:
             if p.ch is not None:
                 try:
@@ -499,26 +548,122 @@ class Sender:
                 return "chain", chain + [None]
         return "full", ["full"]
 
+    # -- NCCL payload path -----------------------------------------------------------------------------------------
+    def _close_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+        self._group, self._group_members = None, ()
+
+    def _ensure_group(self, members: list) -> bool:
+        """A communicator with exactly ``members`` (rank 0 = this sender); False when it cannot be formed."""
+        from . import nccl
+        key = tuple(p.url for p in members)
+        if self._group is not None and key == self._group_members:
+            return True
+        self._close_group()
+        if not members:
+            return False
+        uid, world = nccl.new_unique_id(), len(members) + 1
+        device = self.nccl_device if self.nccl_device is not None else 0
+        box = {}
+
+        def create():
+            try:
+                box["group"] = nccl.NCCLGroup(uid, 0, world, device, timeout=self.timeout)
+            except SparseSyncError as exc:
+                box["error"] = exc
+        t = threading.Thread(target=create, daemon=True)
+        t.start()                                  # ncclCommInitRank blocks until every rank has joined
+        ok = True
+        for rank, p in enumerate(members, start=1):
+            try:
+                p.ch.send_msg(wire.NCCL_INIT, {"uid": uid, "rank": rank, "world": world})
+                _, reply = p.ch.recv_msg((wire.NCCL_READY,))
+                ok &= bool(reply.get("ok"))
+                if not reply.get("ok"):
+                    log.warning("peer %s cannot join NCCL: %s", p.url, reply.get("error"))
+            except SparseSyncError as exc:
+                log.warning("peer %s: NCCL set-up failed: %s", p.url, exc)
+                p.drop()
+                ok = False
+        t.join(self.timeout)
+        if not ok or "group" not in box:
+            if "group" in box:
+                box["group"].close()
+            for p in members:                      # their half-made communicators die with the connection
+                p.drop()
+            log.warning("NCCL communicator not formed (%s); using TCP", box.get("error", "a peer failed"))
+            return False
+        self._group, self._group_members = box["group"], key
+        return True
+
+    def _nccl_broadcast(self, feed: _Feed, members: list, base, version, results, prog) -> set:
+        """Broadcast the update's buckets to every member; returns the peers that applied it."""
+        applied = set()
+        plans = {p.url: self._plan(p, base, version)[0] for p in members}
+        try:
+            for p in members:
+                p.ch.send_msg(wire.UPDATE, {"cnt": len(feed), "via": "nccl",
+                                            "discard": plans[p.url] not in ("delta", "full")
+                                            or (plans[p.url] == "full" and base is not None)})
+            for i in range(len(feed)):
+                b = feed.get(i)
+                for p in members:
+                    p.ch.send_msg(wire.BUCKET_NCCL, {"size": len(b)})
+                self._group.broadcast_bytes(b, len(b), root=0)
+                prog.add(len(b) * len(members))
+            for p in members:
+                _, ack = p.ch.recv_msg((wire.ACK,))
+                r = results[p.url]
+                if ack.get("discarded"):
+                    continue
+                r.kind = plans[p.url]
+                r.bytes += sum(len(b) for b in feed.buckets)
+                r.apply_s += float(ack.get("apply_s", 0.0)) + float(ack.get("decode_s", 0.0))
+                if ack.get("ok"):
+                    p.version, p.verified = ack.get("version"), True
+                    r.ok, r.version, r.digest_verified = True, p.version, bool(ack.get("verified"))
+                    applied.add(p.url)
+                else:
+                    p.version, p.verified = ack.get("version"), False
+                    r.error = f"{ack.get('error_type')}: {ack.get('error')}"
+        except SparseSyncError as exc:            # includes NCCLError/NCCLTimeout: abort, fall back to TCP
+            log.warning("NCCL delivery failed (%s); falling back to TCP", exc)
+            self._close_group()
+            for p in members:
+                p.drop()
+            return set()
+        return applied
+
     def _deliver(self, feed: _Feed, t0: float, state, base=None, version=None) -> PushStats:
         if feed.update is not None:
             base, version = feed.update.base_version, feed.update.version
         deadline = t0 + self.timeout
         prog = _Progress(self.progress, f"push v{version}", len(self.peers))
-        results: dict[str, PeerResult] = {}
+        results: dict[str, PeerResult] = {p.url: PeerResult(p.url, False, p.version) for p in self.peers}
         full_lock = threading.Lock()
         threads = []
+        done_nccl: set = set()
+        if self.backend == "nccl":
+            members = [p for p in self.peers if p.ch is not None]
+            if self._ensure_group(members):
+                done_nccl = self._nccl_broadcast(feed, members, base, version, results, prog)
         for p in self.peers:
-            r = PeerResult(p.url, False, p.version)
-            results[p.url] = r
+            r = results[p.url]
+            if p.url in done_nccl:
+                prog.add(done=1)
+                threads.append(None)
+                continue
             t = threading.Thread(target=self._serve_peer, args=(p, r, feed, state, base, version, deadline, prog,
                                                                 full_lock), daemon=True)
             t.start()
             threads.append(t)
         feed.finish()        # encoding completes even if every peer is unreachable (the snapshot must advance)
         for t in threads:
-            t.join(max(0.0, deadline - time.perf_counter()))
+            if t is not None:
+                t.join(max(0.0, deadline - time.perf_counter()))
         for p, t in zip(self.peers, threads):
-            if t.is_alive():       # slow peer: cut it off; it is caught up at a later push
+            if t is not None and t.is_alive():       # slow peer: cut it off; it is caught up at a later push
                 r = results[p.url]
                 r.ok, r.error = False, f"timed out after {self.timeout:.1f}s"
                 p.drop()

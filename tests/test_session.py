@@ -427,3 +427,69 @@ def test_tls_session(tmp_path, receivers):
                 ssl_context=ssl.create_default_context()) as s:
         st = s.push(step_state(cur, 2), 2)
     assert not st.ok and r.version == 1
+
+
+class _FakeWorld:
+    def __init__(self, world):
+        self.barrier = threading.Barrier(world)
+        self.slot = None
+
+
+class FakeNCCLGroup:
+    """Stands in for sparsesync.nccl.NCCLGroup: ranks in threads of this process meet at a barrier per broadcast."""
+    worlds: dict = {}
+    lock = threading.Lock()
+    broadcasts = 0
+
+    def __init__(self, unique_id, rank, world, device, **kw):
+        with self.lock:
+            self.w = self.worlds.setdefault(unique_id, _FakeWorld(world))
+        self.rank = rank
+
+    def broadcast_bytes(self, data, nbytes, root=0):
+        if self.rank == root:
+            assert len(data) == nbytes
+            self.w.slot = bytes(data)
+            type(self).broadcasts += 1
+        self.w.barrier.wait(10)
+        out = self.w.slot
+        assert len(out) == nbytes
+        self.w.barrier.wait(10)
+        return out
+
+    def close(self):
+        pass
+
+
+def test_nccl_payload_path_with_fake_communicator(receivers, monkeypatch):
+    from sparsesync import nccl
+    monkeypatch.setattr(nccl.NCCLBackend, "check", classmethod(lambda cls: None))
+    monkeypatch.setattr(nccl, "NCCLGroup", FakeNCCLGroup)
+    monkeypatch.setattr(nccl, "new_unique_id", lambda library=None: os.urandom(128))
+    base = make_state(11)
+    at_base = receivers(clone(base))
+    elsewhere = receivers({k: torch.zeros_like(v) for k, v in base.items()}, version=9)
+    with Sender([at_base.address, elsewhere.address], token=TOKEN, base=base, base_version=0, progress=False,
+                backend="nccl", bucket_bytes=8192) as s:
+        cur = base
+        for v in (1, 2):
+            before = FakeNCCLGroup.broadcasts
+            cur = step_state(cur, v)
+            st = s.push(cur, v)
+            assert st.ok, st
+            assert FakeNCCLGroup.broadcasts - before == sum(1 for _ in s.retain[-1][2])   # one per bucket
+            kinds = {p.peer: p.kind for p in st.peers}
+            assert kinds[at_base.address] == "delta"
+            # v1: the out-of-date peer took part in the broadcast, discarded it, then caught up over TCP
+            assert kinds[elsewhere.address] == ("full" if v == 1 else "delta")
+            d = ss.state_digest(cur)
+            assert ss.state_digest(at_base.state) == d == ss.state_digest(elsewhere.state)
+
+
+def test_nccl_backend_refused_clearly_without_gpu():
+    from sparsesync import nccl
+    ok, why = nccl.available()
+    if ok:
+        pytest.skip("NCCL is usable on this machine")
+    with pytest.raises(ss.SparseSyncError, match="NCCL"):
+        Sender(["tcp://127.0.0.1:1"], token=TOKEN, backend="nccl")
