@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import sparsesync
 from sparsesync import Decoder, Encoder, state_digest
 from sparsesync.format import parse_bucket
+import itertools
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
           torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]
@@ -144,7 +145,7 @@ def check_segments_cover(update, new: dict, old: dict | None) -> None:
             ranges.setdefault(seg.name, []).append((seg.start, seg.end))
     for name, rs in ranges.items():
         rs.sort()
-        for (a0, a1), (b0, b1) in zip(rs, rs[1:]):
+        for (a0, a1), (b0, b1) in itertools.pairwise(rs):
             assert a1 <= b0, f"overlapping segments in {name}"
         if old is not None:
             diff = (ivw(old[name].contiguous()) != ivw(new[name].contiguous())).reshape(-1).nonzero().reshape(-1)
@@ -199,7 +200,7 @@ def mutate(t: torch.Tensor, density: float, g: torch.Generator, style: str = "mi
         return new
     flat = ivw(new).reshape(-1)
     w = new.element_size()
-    k = n if density >= 1 else int(round(density * n))
+    k = n if density >= 1 else round(density * n)
     if k == 0:
         return new
     pos = torch.randperm(n, generator=g)[:k]

@@ -317,7 +317,7 @@ def test_extra_bucket_after_last_changes_nothing(case, extra):
 def test_extra_bucket_reports_error(case):
     """Whatever happens to the state (see the xfail above), an extra bucket is reported, never silently ignored."""
     bs = case["buckets"]
-    dst, dec = fresh(case)
+    _dst, dec = fresh(case)
     with pytest.raises(CorruptPayload, match="more buckets"):
         dec.apply(bs + [bs[-1]])
     assert not dec.pending
@@ -824,7 +824,7 @@ def test_memoryview_of_non_bytes(case):
 
 
 def test_parse_bucket_accepts_valid_and_rejects_bad_types(case):
-    h, hh, body = parse_bucket(case["buckets"][0])
+    h, _hh, body = parse_bucket(case["buckets"][0])
     assert h.idx == 0 and h.cnt == len(case["buckets"]) and len(body) == h.body_len
     for bad in (None, 5, "abc", object()):
         with pytest.raises(CorruptPayload):

@@ -52,7 +52,7 @@ def threads(request, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 # hashes
 
-HASH_LENGTHS = sorted(set(list(range(0, 130)) + [255, 256, 257, 1000, 4064, 4065] +
+HASH_LENGTHS = sorted(set(list(range(130)) + [255, 256, 257, 1000, 4064, 4065] +
                           [k * 4096 + d for k in (1, 2, 3) for d in (-33, -32, -31, -1, 0, 1, 31, 32, 33)] +
                           [10000]))
 
@@ -149,7 +149,7 @@ def test_scan_symbols_of_the_spec(impl):
     assert total == 8
     want = {0: 1, 1: 1, 14: 1, 15: 1, 16: 1, 21: 1, 28: 1, 27: 1}
     assert {s: int(c) for s, c in enumerate(np.asarray(hist)) if c} == want
-    counts, hist, total = impl.scan(u8(old), u8(new), 2, MODE_RAW)
+    _counts, hist, total = impl.scan(u8(old), u8(new), 2, MODE_RAW)
     tops = {}
     for v in news:
         s = ((v % 65536) >> 8)
@@ -250,7 +250,7 @@ def test_decode_wrong_hash_or_base_is_E_HASH(impl):
     against another hash, must fail with exactly E_HASH in both implementations."""
     for w in (1, 2, 4, 8):
         old, new = pair(w, 6000, 0.05, 40 + w)
-        freq, total = _freq_for(reference, old, new, w, MODE_DELTA)
+        freq, _total = _freq_for(reference, old, new, w, MODE_DELTA)
         table, data, vh, nch = reference.encode(old, new, w, MODE_DELTA, 12, 0, 2, freq)
         seg = table + data
         with pytest.raises(KernelError) as info:
@@ -519,7 +519,7 @@ def test_hand_made_segment(impl, case):
 def test_hand_made_segment_violations(impl):
     """Each rule of FORMAT.md 4.4 broken in the hand-made segment is rejected."""
     c = HAND_DELTA
-    old, new, freq = _hand_tensors(c)
+    old, _new, freq = _hand_tensors(c)
     vhash = spec.tree64(c["vals"])
     good = c["table"] + c["data"]
 

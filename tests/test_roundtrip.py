@@ -1,7 +1,6 @@
 """Round trips: whatever the encoder is given, the decoder reproduces it bit for bit."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from helpers import (examples, DTYPE_IDS, DTYPES, VALUE_MODES, apply_update, ass
                      check_stats, clone_state, densities, dtypes, from_patterns, gen, headers, ivw, mutate,
                      random_tensor, roundtrip, seeds, shapes, special_patterns, styles, value_modes)
 from sparsesync import Decoder, Encoder, LayoutMismatch, state_digest
-from sparsesync.format import parse_bucket
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def test_special_value_transitions(dtype, values):
     b = [q for _ in pats for q in pats]
     old = {"t": from_patterns(a, dtype)}
     new = {"t": from_patterns(b, dtype)}
-    upd, dst = roundtrip(old, new, values=values)
+    upd, _dst = roundtrip(old, new, values=values)
     assert upd.stats.changed == sum(x != y for x, y in zip(a, b))
     # the same again on a 2-D tensor where only the specials change, inside a larger unchanged tensor
     g = gen(7)
@@ -494,7 +492,7 @@ def test_decoder_updates_parameters_and_shared_buffers_in_place(kernels_in_use):
     # views into one flat buffer
     flat_old = random_tensor((1000,), torch.float32, gen(3))
     flat_new = mutate(flat_old, 0.05, gen(4))
-    split = lambda b: {"a": b[:400].view(20, 20), "b": b[400:700], "c": b[700:]}  # noqa: E731
+    split = lambda b: {"a": b[:400].view(20, 20), "b": b[400:700], "c": b[700:]}
     upd = Encoder(split(flat_old), 0).encode(split(flat_new), 1)
     buf = flat_old.clone()
     Decoder(split(buf), 0).apply(upd)

@@ -15,6 +15,7 @@ import spec
 from helpers import DTYPES, examples, gen, ivw, mutate, random_tensor, shapes
 from sparsesync import Encoder, state_digest
 from sparsesync.digest import layout_digest
+import itertools
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
@@ -62,11 +63,10 @@ def test_encoder_choices_follow_the_spec():
     for b in upd.buckets:
         m, body = _split(b)
         for seg in m["segs"]:
-            name, dtype, shape, kind, start, end, log2c, table_len, off, length, freq, vhash, nchanged = seg
+            name, dtype, _shape, kind, start, end, log2c, table_len, off, length, _freq, vhash, nchanged = seg
             if kind != "s":
                 continue
             nsparse += 1
-            w = spec.WIDTH[dtype]
             C = 1 << log2c
             N = new[name].numel()
             assert start % C == 0 and end == min(-(-end // C) * C, N)
@@ -86,7 +86,7 @@ def test_encoder_choices_follow_the_spec():
                 _, pos = spec.read_varint(data, pos, table_len)
                 _, pos = spec.read_varint(data, pos, table_len)
                 rel = [int(p) - c * C for p in changed if c * C <= int(p) < (c + 1) * C]
-                gaps = [rel[0]] + [b - a - 1 for a, b in zip(rel, rel[1:])]
+                gaps = [rel[0]] + [b - a - 1 for a, b in itertools.pairwise(rel)]
                 costs = [n * (kk + 1) + sum(gg >> kk for gg in gaps) for kk in range(log2c + 1)]
                 assert k == costs.index(min(costs))
             assert pos == table_len
@@ -106,7 +106,7 @@ def _doc_header_keys() -> set[str]:
     text = FORMAT_MD.read_text()
     section = text[text.index("Header keys"):text.index("Each segment is an array")]
     keys = set()
-    for row in re.findall(r"^\|([^|]+)\|", section, flags=re.M):
+    for row in re.findall(r"^\|([^|]+)\|", section, flags=re.MULTILINE):
         keys |= set(re.findall(r"`([a-z_]+)`", row))
     return keys
 
