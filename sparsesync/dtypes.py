@@ -26,7 +26,7 @@ def width(dtype: torch.dtype) -> int:
 
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """Flat uint8 view of a contiguous tensor's bytes (no copy)."""
-    flat = t.reshape(-1)
+    flat = t.reshape(-1) if t.numel() != 1 else t.as_strided((1,), (1,))  # 1 element: any strides are "contiguous"
     if t.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     return flat.view(torch.uint8)

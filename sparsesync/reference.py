@@ -465,4 +465,4 @@ def scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, vals: torch.Tensor) ->
     n = view.numel()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise KernelError(E_POS, "scatter index out of range")
-    view[idx] = vals.view(_INT_VIEW[w])
+    view[idx] = (vals if vals.storage_offset() % w == 0 else vals.clone()).view(_INT_VIEW[w])  # any alignment
