@@ -406,6 +406,7 @@ class _Pending:
     wire_bytes: int = 0
     changed: int = 0
     decode_seconds: float = 0.0
+    digest: str | None = None
 
 
 class Decoder:
@@ -448,7 +449,10 @@ class Decoder:
         self._pending = None
 
     def apply(self, update) -> ApplyStats:
-        """Apply a whole update: an :class:`Update`, one bucket, or an iterable of buckets (in order)."""
+        """Apply a whole update: an :class:`Update`, one bucket, or an iterable of buckets (in order).
+
+        The tensors change only after every bucket verified and no bucket follows the last one.
+        """
         if self._pending is not None:
             raise SparseSyncError("a partly received update is pending; call abort() first")
         if isinstance(update, Update):
@@ -457,23 +461,31 @@ class Decoder:
             buckets = [update]
         else:
             buckets = update
-        done = False
+        it = iter(buckets)
         try:
-            for b in buckets:
-                if done:
-                    raise CorruptPayload("more buckets than the update announced")
-                done = self.feed(b)
-        finally:
-            if not done:
-                self._pending = None
-        if not done:
+            for b in it:
+                if self._stage(b, owned=False):
+                    if next(it, None) is not None:
+                        raise CorruptPayload("more buckets than the update announced")
+                    p = self._pending
+                    self._commit(p, p.digest)
+                    return self.last_stats
             raise CorruptPayload("update truncated: the last bucket never arrived")
-        return self.last_stats
+        finally:
+            self._pending = None
 
-    def feed(self, bucket) -> bool:
-        """Stage one bucket; returns True when it completed (and applied) an update. On error nothing changes."""
+    def feed(self, bucket, *, owned: bool = False) -> bool:
+        """Stage one bucket; returns True when it completed (and applied) an update. On error nothing changes.
+
+        ``owned=True`` promises that the caller will not modify ``bucket`` until the update is applied (its dense
+        parts are then staged without a copy). Immutable ``bytes`` are never copied.
+        """
         try:
-            return self._feed(bucket)
+            if not self._stage(bucket, owned):
+                return False
+            p = self._pending
+            self._commit(p, p.digest)
+            return True
         except BaseException:
             self._pending = None
             raise
@@ -503,7 +515,8 @@ class Decoder:
         raise LayoutMismatch(f"tensor sets differ: the update's layout has {header.ntensors} tensors, this decoder "
                              f"holds {len(self.state)}")
 
-    def _feed(self, bucket) -> bool:
+    def _stage(self, bucket, owned: bool) -> bool:
+        """Verify and stage one bucket; True when the update is complete and verified (not yet committed)."""
         t0 = time.perf_counter()
         header, hhash, body = parse_bucket(bucket)
         p = self._pending
@@ -529,11 +542,7 @@ class Decoder:
             p.next_idx += 1
             p.last_hash = hhash
         mode = VALUE_MODES[header.vals]
-        seg_ids = []
-        sparse = [(seg, width(BY_NAME[seg.dtype])) for seg in header.segs if seg.kind == "s"]
-        arena_idx, arena_val = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
-                                             sum(sg.nchanged * w for sg, w in sparse))
-        io = vo = 0
+        # 1. every segment against the receiver's tensors, before anything is allocated from header numbers
         for seg in header.segs:
             t = self.state.get(seg.name)
             if t is None or name_of(t.dtype) != seg.dtype or tuple(t.shape) != seg.shape:
@@ -543,10 +552,19 @@ class Decoder:
                 if seg.start < b and a < seg.end:
                     raise CorruptPayload(f"segments overlap in tensor {seg.name!r}")
             p.ranges[seg.name].append((seg.start, seg.end))
+        # 2. staging (bounded by the receiver's own tensor sizes now), values 8-byte aligned per segment
+        sparse = [(seg, width(BY_NAME[seg.dtype])) for seg in header.segs if seg.kind == "s"]
+        arena_idx, arena_val = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
+                                             sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
+        copy_dense = not owned and not isinstance(bucket, bytes)
+        io = vo = 0
+        seg_ids = []
+        for seg in header.segs:
+            t = self.state[seg.name]
             data = body[seg.off: seg.off + seg.length]
             w = width(t.dtype)
             if seg.kind == "d":
-                p.staged.append((seg.name, "d", seg.start, seg.end, data))
+                p.staged.append((seg.name, "d", seg.start, seg.end, bytes(data) if copy_dense else data))
             else:
                 freq = unpack_freq(seg.freq, max_symbol(w, mode))
                 try:
@@ -554,13 +572,13 @@ class Decoder:
                                               seg.start >> seg.log2c, -(-seg.end >> seg.log2c), freq, seg.nchanged,
                                               seg.values_hash, arena_idx[io: io + seg.nchanged],
                                               arena_val[vo: vo + seg.nchanged * w])
-                    io += seg.nchanged
-                    vo += seg.nchanged * w
                 except KernelError as exc:
                     if exc.code == E_HASH and mode == VALUE_MODES["delta"]:
                         raise BaseMismatch(f"tensor {seg.name!r}: the decoder's values at version {self.version} "
                                            "differ from the encoder's base (values hash mismatch)") from None
                     raise CorruptPayload(f"segment of {seg.name!r}: {exc}") from None
+                io += seg.nchanged
+                vo += -(-seg.nchanged * w // 8) * 8
                 p.staged.append((seg.name, "s", seg.start, seg.end, (idx, vals)))
             p.changed += seg.nchanged
             seg_ids.append([seg.name, seg.start, seg.end])
@@ -573,7 +591,7 @@ class Decoder:
         h0 = p.header
         if update_uid(h0.layout, h0.base, h0.ver, h0.vals, h0.cnt, p.plan) != h0.uid:
             raise CorruptPayload("update id does not match the buckets received")
-        self._commit(p, header.digest)
+        p.digest = header.digest
         return True
 
     def _commit(self, p: _Pending, digest: str | None) -> None:

@@ -225,7 +225,7 @@ class Receiver:
                         buckets.append(data)
                     if err is None:
                         try:
-                            done = self.decoder.feed(data)
+                            done = self.decoder.feed(data, owned=True)
                         except SparseSyncError as exc:
                             err = exc
             except BaseException:

@@ -309,16 +309,16 @@ def apply_update(buckets, state: dict):
 
 
 def uid_per_doc(first_header, buckets) -> bytes:
-    """FORMAT.md 5: BLAKE2b over layout, msgpack([base, ver, vals, cnt]), then per bucket u64 body_hash and the
-    msgpack of its segs."""
-    h = hashlib.blake2b(digest_size=32)
-    h.update(first_header["layout"])
-    h.update(msgpack.packb([first_header["base"], first_header["ver"], first_header["vals"], first_header["cnt"]],
-                           use_bin_type=True))
+    """FORMAT.md 5: BLAKE2b over layout, then msgpack([base, ver, vals, cnt, plan]) with plan = per bucket the
+    [name, start, end] of each segment."""
+    plan = []
     for b in buckets:
         m, _ = parse_bucket(b)
-        h.update(struct.pack("<Q", m["body_hash"]))
-        h.update(msgpack.packb(m["segs"], use_bin_type=True))
+        plan.append([[sg[0], sg[4], sg[5]] for sg in m["segs"]])
+    h = hashlib.blake2b(digest_size=32)
+    h.update(first_header["layout"])
+    h.update(msgpack.packb([first_header["base"], first_header["ver"], first_header["vals"], first_header["cnt"],
+                            plan], use_bin_type=True))
     return h.digest()[:16]
 
 

@@ -537,12 +537,6 @@ def test_requires_grad_inputs_to_the_encoder():
     assert_state_equal(dst, {"w": w.detach()})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (or undocumented contract): Decoder.feed() stages dense segments as "
-                                       "memoryviews into the caller's bucket buffer and only copies them at commit; "
-                                       "a receiver that reuses one receive buffer for every bucket gets a silently "
-                                       "wrong state (version advanced, no error, checksums verified on bytes that "
-                                       "were later overwritten). Fix: copy dense payloads when staging, or document "
-                                       "that buckets must stay unchanged until the update completes")
 def test_feed_does_not_keep_references_to_the_callers_buffer():
     g = gen(0)
     old = {"x": torch.randint(-2 ** 31, 2 ** 31 - 1, (3000,), generator=g, dtype=torch.int32)}

@@ -120,10 +120,6 @@ def test_doc_header_keys_are_all_present(multi_bucket_update):
         assert doc <= set(m)
 
 
-@pytest.mark.xfail(strict=True, reason="FORMAT.md drift: buckets carry a header key 'prev' (the header_hash of the "
-                                       "previous bucket, 0 for bucket 0; the decoder requires it and uses it to "
-                                       "chain buckets) that the header key table of FORMAT.md section 2 does not "
-                                       "list")
 def test_header_keys_are_exactly_the_documented_ones(multi_bucket_update):
     doc = _doc_header_keys()
     for b in multi_bucket_update[2].buckets:
@@ -131,10 +127,6 @@ def test_header_keys_are_exactly_the_documented_ones(multi_bucket_update):
         assert set(m) == doc
 
 
-@pytest.mark.xfail(strict=True, reason="FORMAT.md drift: section 5 says uid hashes msgpack([base, ver, vals, cnt]) "
-                                       "then, per bucket, u64 body_hash and msgpack(segs); the code "
-                                       "(format.update_uid) hashes msgpack([base, ver, vals, cnt, plan]) with plan = "
-                                       "[[name, start, end] per segment] per bucket and no body hashes")
 def test_uid_as_documented(multi_bucket_update):
     bs = multi_bucket_update[2].buckets
     m0, _ = _split(bs[0])
