@@ -33,7 +33,7 @@ struct Decoder {
   uint8_t* val_out;
 
   static constexpr int B = 8 * W;
-  static constexpr int kMaxSym = MODE == 1 ? 255 : (16 + B - 4 > 255 ? 255 : 16 + B - 4);
+  static constexpr int kMaxSym = MODE == 1 ? 255 : (16 + B - 4 > 255 ? 255 : 16 + B - 4);  // MODE 2: delta, deferred
 
   int decode_chunk(const ChunkIn& e, std::vector<uint8_t>& syms) const {
     const int64_t C = (int64_t)1 << log2c;
@@ -133,6 +133,7 @@ struct Decoder {
       }
       I[i] = base + p;
       if (MODE == 0) __builtin_prefetch(old_bits + (base + p) * W, 0, 3);  // used by the apply pass below
+      // MODE 2 stores the difference only: ss_add_scatter adds it to the tensor at commit time
       T nv;
       if (MODE == 1) {
         nv = (T)(((uint64_t)s << (B - 8)) | extra);
@@ -213,8 +214,7 @@ int decode_w(int w, const uint8_t* seg, const uint8_t* old_bits, int64_t n, int 
 int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint8_t* old_bits, int64_t n, int w,
                  int mode, int log2c, int64_t chunk_begin, int64_t chunk_end, const uint32_t* freq,
                  int64_t nchanged, uint64_t expected_hash, int64_t* idx_out, uint8_t* val_out, int nthreads) {
-  if (log2c < 12 || log2c > 30 || (w != 1 && w != 2 && w != 4 && w != 8) || (mode != 0 && mode != 1))
-    return SS_EARG;
+  if (log2c < 12 || log2c > 30 || (w != 1 && w != 2 && w != 4 && w != 8) || mode < 0 || mode > 2) return SS_EARG;
   if (n < 0 || n > INT64_MAX / 16 || seg_len < 0 || seg_len > (INT64_MAX >> 4) || (seg_len > 0 && !seg) || !freq)
     return SS_EARG;
   const int64_t C = (int64_t)1 << log2c;
@@ -259,9 +259,11 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
     acc += freq[s];
   }
 
-  int rc = mode == 0 ? decode_w<0>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads)
-                     : decode_w<1>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads);
+  int rc = mode == 0   ? decode_w<0>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads)
+           : mode == 1 ? decode_w<1>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads)
+                       : decode_w<2>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads);
   if (rc) return rc;
+  if (mode == 2) return SS_OK;  // differences only: the values hash is checked after ss_add_scatter
   uint64_t h;
   try {
     h = tree64(val_out, (uint64_t)nchanged * (uint64_t)w, nthreads);
@@ -291,8 +293,53 @@ int scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t* val
   return SS_OK;
 }
 
+template <int W>
+int add_scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t* d, uint8_t* new_out, int64_t count,
+                     int negate, int nthreads) {
+  using T = typename UInt<W>::T;
+  const int64_t per_task = 1 << 16;
+  const int64_t ntasks = (count + per_task - 1) / per_task;
+  int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
+  std::atomic<bool> bad(false);
+  parallel_for(ntasks, nt, [&](int64_t t, int) {
+    int64_t b = t * per_task, e = std::min(count, b + per_task);
+    bool ok = true;
+    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  if (bad.load()) return SS_EPOS;
+  parallel_for(ntasks, nt, [&](int64_t t, int) {
+    int64_t b = t * per_task, e = std::min(count, b + per_task);
+    for (int64_t i = b; i < e; ++i) {
+      uint8_t* p = dst + idx[i] * W;
+      T dv = load_elem<W>(d + i * W);
+      T nv = negate ? (T)(load_elem<W>(p) - dv) : (T)(load_elem<W>(p) + dv);
+      store_elem<W>(p, nv);
+      if (new_out) store_elem<W>(new_out + i * W, nv);
+    }
+  });
+  return SS_OK;
+}
+
 }  // namespace
 }  // namespace ss
+
+SS_EXPORT int ss_add_scatter(uint8_t* dst, int64_t n, int w, const int64_t* idx, const uint8_t* d, uint8_t* new_out,
+                             int64_t count, int negate, int nthreads) {
+  if (n < 0 || count < 0 || (w != 1 && w != 2 && w != 4 && w != 8)) return SS_EARG;
+  if (count > 0 && (!idx || !d || !dst)) return SS_EARG;
+  try {
+    switch (w) {
+      case 1: return ss::add_scatter_impl<1>(dst, n, idx, d, new_out, count, negate, nthreads);
+      case 2: return ss::add_scatter_impl<2>(dst, n, idx, d, new_out, count, negate, nthreads);
+      case 4: return ss::add_scatter_impl<4>(dst, n, idx, d, new_out, count, negate, nthreads);
+      case 8: return ss::add_scatter_impl<8>(dst, n, idx, d, new_out, count, negate, nthreads);
+    }
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+  return SS_EARG;
+}
 
 SS_EXPORT int ss_decode(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint8_t* old_bits, int64_t n,
                         int w, int mode, int log2c, int64_t chunk_begin, int64_t chunk_end, const uint32_t* freq,

@@ -64,6 +64,14 @@ int ss_decode(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint
               int mode, int log2c, int64_t chunk_begin, int64_t chunk_end, const uint32_t* freq,
               int64_t nchanged, uint64_t expected_hash, int64_t* idx_out, uint8_t* val_out, int nthreads);
 
+/* mode 2 of ss_decode ("delta, deferred"): like mode 0, but val_out receives the differences d (w bytes each) instead
+ * of new values, old_bits is not read and expected_hash is not checked (the caller checks it after ss_add_scatter).
+ *
+ * dst[idx[i]] += d[i] (or -= when negate != 0), modulo 2^(8w), and new_out[i] (if not NULL) receives the result.
+ * Checks every idx < n first; on a bad index returns SS_EPOS and writes nothing. Applying with negate undoes it. */
+int ss_add_scatter(uint8_t* dst, int64_t n, int w, const int64_t* idx, const uint8_t* d, uint8_t* new_out,
+                   int64_t count, int negate, int nthreads);
+
 /* dst[idx[i]] = vals[i] for i < count (w bytes each). Checks every idx < n first; on a bad index returns SS_EPOS and
  * writes nothing. */
 int ss_scatter(uint8_t* dst, int64_t n, int w, const int64_t* idx, const uint8_t* vals, int64_t count, int nthreads);

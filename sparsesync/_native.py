@@ -46,6 +46,8 @@ _SIGNATURES = {
                                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int]),
+    "ss_add_scatter": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]),
     "ss_scatter": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int]),
 }
@@ -174,3 +176,13 @@ def scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, vals: torch.Tensor) ->
     n = dst.numel() * dst.element_size() // w
     rc = lib.ss_scatter(_ptr(dst), n, w, _ptr(idx), _ptr(vals), idx.numel(), config.threads())
     _check(rc, "ss_scatter")
+
+
+def add_scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, d: torch.Tensor, new_out: torch.Tensor | None = None,
+                negate: bool = False) -> None:
+    n = dst.numel() * dst.element_size() // w
+    if new_out is not None and new_out.numel() != idx.numel() * w:
+        raise KernelError(-1, "new_out has the wrong size")
+    rc = lib.ss_add_scatter(_ptr(dst), n, w, _ptr(idx), _ptr(d), _ptr(new_out) if new_out is not None else None,
+                            idx.numel(), int(bool(negate)), config.threads())
+    _check(rc, "ss_add_scatter")

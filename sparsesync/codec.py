@@ -16,7 +16,7 @@ from .errors import BaseMismatch, CorruptPayload, LayoutMismatch, SparseSyncErro
 from .format import (VALUE_MODES, Header, Segment, build_freq, entropy_bits, header_hash, pack_bucket, pack_freq,
                      parse_bucket, rice_bits, unpack_freq, update_uid)
 from .kernels import impl
-from .reference import E_HASH, KernelError, extra_bits_for, max_symbol
+from .reference import E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
 
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
@@ -432,6 +432,12 @@ class Decoder:
             self.state[name] = t
         self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in self.state.items()]
         self.layout_digest = layout_digest(self.layout)
+        # names sharing storage (tied weights): their deltas must not be added twice, so they take the path that
+        # computes new values while staging and writes them idempotently at commit
+        owners: dict = {}
+        for n, t in self.state.items():
+            owners.setdefault(t.untyped_storage().data_ptr(), []).append(n)
+        self._aliased = {n for names in owners.values() if len(names) > 1 for n in names}
         self.version = version
         self.verify_digest = verify_digest
         self._pending: _Pending | None = None
@@ -490,16 +496,18 @@ class Decoder:
             self._pending = None
             raise
 
-    def _staging(self, i: int, count: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _staging(self, i: int, count: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-bucket staging (indices, values or differences, new values), reused across updates."""
         while len(self._arena) <= i:
-            self._arena.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)))
-        idx, val = self._arena[i]
+            self._arena.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8),
+                                torch.empty(0, dtype=torch.uint8)))
+        idx, val, new = self._arena[i]
         if idx.numel() < count:
             idx = torch.empty(count, dtype=torch.int64)
         if val.numel() < nbytes:
-            val = torch.empty(nbytes, dtype=torch.uint8)
-        self._arena[i] = (idx, val)
-        return idx, val
+            val, new = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        self._arena[i] = (idx, val, new)
+        return idx, val, new
 
     def _check_layout(self, header: Header) -> None:
         if header.layout == self.layout_digest:
@@ -554,8 +562,11 @@ class Decoder:
             p.ranges[seg.name].append((seg.start, seg.end))
         # 2. staging (bounded by the receiver's own tensor sizes now), values 8-byte aligned per segment
         sparse = [(seg, width(BY_NAME[seg.dtype])) for seg in header.segs if seg.kind == "s"]
-        arena_idx, arena_val = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
-                                             sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
+        arena_idx, arena_val, arena_new = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
+                                                        sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
+        # delta mode decodes the differences only; they are added (and the values hash checked) at commit, touching
+        # every changed element of the tensor once
+        delta = mode == VALUE_MODES["delta"]
         copy_dense = not owned and not isinstance(bucket, bytes)
         io = vo = 0
         seg_ids = []
@@ -567,8 +578,9 @@ class Decoder:
                 p.staged.append((seg.name, "d", seg.start, seg.end, bytes(data) if copy_dense else data))
             else:
                 freq = unpack_freq(seg.freq, max_symbol(w, mode))
+                dmode = MODE_DELTA_DEFERRED if delta and seg.name not in self._aliased else mode
                 try:
-                    idx, vals = impl().decode(data, seg.table_len, byte_view(t), w, mode, seg.log2c,
+                    idx, vals = impl().decode(data, seg.table_len, byte_view(t), w, dmode, seg.log2c,
                                               seg.start >> seg.log2c, -(-seg.end >> seg.log2c), freq, seg.nchanged,
                                               seg.values_hash, arena_idx[io: io + seg.nchanged],
                                               arena_val[vo: vo + seg.nchanged * w])
@@ -577,9 +589,13 @@ class Decoder:
                         raise BaseMismatch(f"tensor {seg.name!r}: the decoder's values at version {self.version} "
                                            "differ from the encoder's base (values hash mismatch)") from None
                     raise CorruptPayload(f"segment of {seg.name!r}: {exc}") from None
+                new = arena_new[vo: vo + seg.nchanged * w]
                 io += seg.nchanged
                 vo += -(-seg.nchanged * w // 8) * 8
-                p.staged.append((seg.name, "s", seg.start, seg.end, (idx, vals)))
+                if dmode == MODE_DELTA_DEFERRED:
+                    p.staged.append((seg.name, "+", seg.start, seg.end, (idx, vals, new, seg.values_hash)))
+                else:
+                    p.staged.append((seg.name, "s", seg.start, seg.end, (idx, vals)))
             p.changed += seg.nchanged
             seg_ids.append([seg.name, seg.start, seg.end])
         p.plan.append(seg_ids)
@@ -595,10 +611,40 @@ class Decoder:
         return True
 
     def _commit(self, p: _Pending, digest: str | None) -> None:
+        """Write the staged update. Only the values-hash and digest checks can still fail here; both undo exactly."""
         t0 = time.perf_counter()
         verify = self.verify_digest and digest is not None
-        undo = []
+        undo = []                                   # what to reverse, in reverse order, if a check fails
+
+        def rollback():
+            for name, kind, where, old in reversed(undo):
+                t = self.state[name]
+                w = width(t.dtype)
+                dst = byte_view(t)
+                if kind == "d":
+                    dst[where * w: where * w + old.numel()].copy_(old)
+                elif kind == "+":
+                    impl().add_scatter(dst, w, where, old, None, negate=True)
+                else:
+                    impl().scatter(dst, w, where, old)
+
+        # 1. delta segments: dst[idx] += d in one pass, then the values hash proves the base was the encoder's
         for name, kind, start, end, payload in p.staged:
+            if kind != "+":
+                continue
+            t = self.state[name]
+            w = width(t.dtype)
+            idx, d, new, vhash = payload
+            impl().add_scatter(byte_view(t), w, idx, d, new)
+            undo.append((name, "+", idx, d))
+            if impl().tree64(new) != vhash:
+                rollback()
+                raise BaseMismatch(f"tensor {name!r}: the decoder's values at version {self.version} differ from "
+                                   "the encoder's base (values hash mismatch); nothing was changed")
+        # 2. dense ranges and raw values (cannot fail)
+        for name, kind, start, end, payload in p.staged:
+            if kind == "+":
+                continue
             t = self.state[name]
             w = width(t.dtype)
             dst = byte_view(t)
@@ -613,14 +659,7 @@ class Decoder:
                                  dst[idx].clone()))
                 impl().scatter(dst, w, idx, vals)
         if verify and state_digest(self.state) != digest:
-            for name, kind, where, old in reversed(undo):
-                t = self.state[name]
-                w = width(t.dtype)
-                dst = byte_view(t)
-                if kind == "d":
-                    dst[where * w: where * w + old.numel()].copy_(old)
-                else:
-                    impl().scatter(dst, w, where, old)
+            rollback()
             raise BaseMismatch(f"after applying version {p.header.ver} the state digest differs from the encoder's; "
                                "the update was rolled back")
         h0 = p.header

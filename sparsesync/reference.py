@@ -23,6 +23,7 @@ SCALE_BITS = 12
 SCALE = 1 << SCALE_BITS
 MODE_DELTA = 0
 MODE_RAW = 1
+MODE_DELTA_DEFERRED = 2   # decode only: output the differences, do not read old values or check the values hash
 
 
 class KernelError(Exception):
@@ -360,8 +361,11 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
     buf = bytes(memoryview(seg).cast("B"))
     ov = _unsigned(old, w)
     n = ov.numel()
-    if not (12 <= log2c <= 30) or w not in _INT_VIEW or mode not in (0, 1):
+    if not (12 <= log2c <= 30) or w not in _INT_VIEW or mode not in (0, 1, 2):
         raise KernelError(E_ARG, "bad arguments")
+    deferred = mode == MODE_DELTA_DEFERRED
+    if deferred:
+        mode = MODE_DELTA
     C = 1 << log2c
     if chunk_begin < 0 or chunk_end < chunk_begin or (chunk_end > chunk_begin and (chunk_end - 1) * C >= n):
         raise KernelError(E_ARG, "chunk range outside the tensor")
@@ -443,7 +447,7 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
                 raise KernelError(E_POS, "position outside its chunk")
             e = br.get(extra_bits_for(s, w, mode))
             gi = base + p
-            oldv = int(ov[gi]) & mask
+            oldv = 0 if deferred else int(ov[gi]) & mask
             idx_out[o] = gi
             vals_out.append(_apply_symbol(oldv, s, e, w, mode))
             o += 1
@@ -451,7 +455,7 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
             raise KernelError(E_STREAM, "bit stream not consumed exactly")
     raw = b"".join(v.to_bytes(w, "little") for v in vals_out)
     vals = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-    if tree64(vals) != expected_hash:
+    if not deferred and tree64(vals) != expected_hash:
         raise KernelError(E_HASH, "values_hash mismatch")
     if val_out is not None:
         val_out.copy_(vals)
@@ -466,3 +470,25 @@ def scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, vals: torch.Tensor) ->
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise KernelError(E_POS, "scatter index out of range")
     view[idx] = (vals if vals.storage_offset() % w == 0 else vals.clone()).view(_INT_VIEW[w])  # any alignment
+
+
+def add_scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, d: torch.Tensor, new_out: torch.Tensor | None = None,
+                negate: bool = False) -> None:
+    """dst[idx[i]] += d[i] (or -=) modulo 2^(8w); new_out[i] receives the result. Checks indices before writing."""
+    view = dst.view(_INT_VIEW[w])
+    n = view.numel()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise KernelError(E_POS, "scatter index out of range")
+    if new_out is not None and new_out.numel() != idx.numel() * w:
+        raise KernelError(E_ARG, "new_out has the wrong size")
+    dv = _unsigned(d if d.storage_offset() % w == 0 else d.clone(), w)
+    cur = _unsigned(view.view(torch.uint8).view(_INT_VIEW[w])[idx].reshape(-1).view(torch.uint8), w) \
+        if idx.numel() else torch.zeros(0, dtype=torch.int64)
+    res = cur - dv if negate else cur + dv
+    if w < 8:
+        res = res & ((1 << (8 * w)) - 1)
+        res = torch.where(res >= (1 << (8 * w - 1)), res - (1 << (8 * w)), res)
+    res = res.to(_INT_VIEW[w])
+    view[idx] = res
+    if new_out is not None:
+        new_out.view(_INT_VIEW[w])[:] = res
