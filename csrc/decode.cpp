@@ -310,7 +310,10 @@ int add_scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t*
   if (bad.load()) return SS_EPOS;
   parallel_for(ntasks, nt, [&](int64_t t, int) {
     int64_t b = t * per_task, e = std::min(count, b + per_task);
+    const int64_t kAhead = 24;  // the loads of a read-modify-write would stall on misses: prefetch them for writing
+    for (int64_t i = b; i < std::min(e, b + kAhead); ++i) __builtin_prefetch(dst + idx[i] * W, 1, 3);
     for (int64_t i = b; i < e; ++i) {
+      if (i + kAhead < e) __builtin_prefetch(dst + idx[i + kAhead] * W, 1, 3);
       uint8_t* p = dst + idx[i] * W;
       T dv = load_elem<W>(d + i * W);
       T nv = negate ? (T)(load_elem<W>(p) - dv) : (T)(load_elem<W>(p) + dv);
