@@ -139,6 +139,10 @@ def test_unauthenticated_peer_dropped_and_oversized_frames_refused(receivers):
     assert ss.state_digest(r.state) == ss.state_digest(base) and r.version == 0
 
 
+def _update_size(base, new, bucket_bytes=8192) -> int:
+    return sum(len(b) for b in ss.Encoder(base=base, bucket_bytes=bucket_bytes).encode(new, 1).buckets)
+
+
 class CuttingProxy:
     """TCP proxy that cuts the first connection after ``cut_after`` bytes from the sender, then passes through."""
 
@@ -199,9 +203,7 @@ def test_connection_cut_mid_update_leaves_receiver_intact_and_sender_retries(rec
     _, host, port = wire.parse_url(r.address)
     new = step_state(base, 1, density=0.05)
     # small buckets so the update spans many frames; cut in the middle of the transfer
-    enc = ss.Encoder(base=base, bucket_bytes=8192)
-    total = sum(len(b) for b in enc.encode(new, 1).buckets)
-    proxy = CuttingProxy((host, port), cut_after=2000 + total // 2)
+    proxy = CuttingProxy((host, port), cut_after=2000 + _update_size(base, new) // 2)
     applied = []
     r.on_update = lambda v, st: applied.append(v)
     try:
@@ -226,9 +228,7 @@ def test_cut_without_retry_keeps_previous_version_bytes(receivers):
     r = receivers(clone(base))
     _, host, port = wire.parse_url(r.address)
     new = step_state(base, 1, density=0.05)
-    enc = ss.Encoder(base=base, bucket_bytes=8192)
-    total = sum(len(b) for b in enc.encode(new, 1).buckets)
-    proxy = CuttingProxy((host, port), cut_after=2000 + total // 2, cut_all=True)
+    proxy = CuttingProxy((host, port), cut_after=2000 + _update_size(base, new) // 2, cut_all=True)
     try:
         with Sender([f"tcp://127.0.0.1:{proxy.port}"], token=TOKEN, base=base, base_version=0, progress=False,
                     bucket_bytes=8192, retries=0, timeout=5) as s:
