@@ -233,7 +233,7 @@ def _send_worker(args) -> int:
         sock.close()
         sender = Sender([f"tcp://{args.peer}:{args.port}"], token=token, base=base, base_version=0, progress=False,
                         timeout=600)
-        sender._connect_all(time.perf_counter() + 60)   # session set-up (handshake) is not part of a sync
+        sender.connect()          # session set-up (handshake, base digest check) happens once, not per sync
         b0 = _link_bytes(dev)
         t0 = time.perf_counter()
         st = sender.push(new, 1)

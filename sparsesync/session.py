@@ -21,7 +21,7 @@ from .digest import layout_digest, state_digest
 from .errors import CorruptPayload, SparseSyncError
 
 log = logging.getLogger("sparsesync")
-DEFAULT_SESSION_BUCKET = 4 << 20
+DEFAULT_SESSION_BUCKET = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class Sender:
     ``timeout``: the window (seconds) a push waits for a peer; slower peers are cut off, reported, and caught up at a
     later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
     peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
-    ``bucket_bytes``: bucket size (default 4 MiB, so encode, wire and apply overlap). ``compress``: zstd each bucket
+    ``bucket_bytes``: bucket size (default 1 MiB, so encode, wire and apply overlap). ``compress``: zstd each bucket
     frame (for slow links; it gains little on sparse deltas, ~1.3x on full bf16 updates).
     """
 
@@ -429,17 +429,7 @@ class Sender:
     def push(self, state, version: int) -> PushStats:
         """Encode ``state`` as ``version`` once and deliver it to every peer. Returns per-peer results."""
         t0 = time.perf_counter()
-        self._connect_all(t0 + self.timeout)
-        base_version = self.encoder.version
-        if base_version is not None:
-            need = [p for p in self.peers if p.ch is not None and not p.verified and p.version == base_version]
-            if need:
-                d = self._digest_of(base_version, self.encoder.snapshot)
-                for p in need:
-                    p.verified = p.digest == d
-                    if not p.verified:
-                        log.warning("peer %s claims version %d but its digest differs: it gets a full update", p.url,
-                                    base_version)
+        self.connect(t0 + self.timeout)
         update = self.encoder.encode(state, version, stream=True)
         feed = _Feed(update)
         stats = self._deliver(feed, t0, self.encoder.snapshot)
@@ -452,6 +442,23 @@ class Sender:
         self.history.append(stats)
         log.info("%s", stats)
         return stats
+
+    def connect(self, deadline: float | None = None) -> dict:
+        """Connect and authenticate every peer not connected yet, and check the digest of peers that claim the
+        sender's base version (a pass over the base state, once per new connection). ``push`` does this itself;
+        calling it first keeps session set-up out of the first push. Returns {peer: version or None}."""
+        self._connect_all(time.perf_counter() + self.timeout if deadline is None else deadline)
+        base_version = self.encoder.version
+        if base_version is not None:
+            need = [p for p in self.peers if p.ch is not None and not p.verified and p.version == base_version]
+            if need:
+                d = self._digest_of(base_version, self.encoder.snapshot)
+                for p in need:
+                    p.verified = p.digest == d
+                    if not p.verified:
+                        log.warning("peer %s claims version %d but its digest differs: it gets a full update", p.url,
+                                    base_version)
+        return {p.url: p.version for p in self.peers}
 
     def forward(self, buckets: list, base: int | None, version: int, state) -> PushStats:
         """Relay an update received elsewhere (its buckets) to the peers; ``state`` is the relay's applied state."""
