@@ -273,11 +273,8 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
   return h == expected_hash ? SS_OK : SS_EHASH;
 }
 
-template <int W>
-int scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t* vals, int64_t count, int nthreads) {
-  const int64_t per_task = 1 << 16;
-  const int64_t ntasks = (count + per_task - 1) / per_task;
-  int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
+// every idx[i] < n, checked in parallel before a kernel writes anything
+bool indices_in_range(const int64_t* idx, int64_t count, int64_t n, int64_t ntasks, int64_t per_task, int nt) {
   std::atomic<bool> bad(false);
   parallel_for(ntasks, nt, [&](int64_t t, int) {
     int64_t b = t * per_task, e = std::min(count, b + per_task);
@@ -285,7 +282,15 @@ int scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t* val
     for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
     if (!ok) bad.store(true, std::memory_order_relaxed);
   });
-  if (bad.load()) return SS_EPOS;
+  return !bad.load();
+}
+
+template <int W>
+int scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t* vals, int64_t count, int nthreads) {
+  const int64_t per_task = 1 << 16;
+  const int64_t ntasks = (count + per_task - 1) / per_task;
+  int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
+  if (!indices_in_range(idx, count, n, ntasks, per_task, nt)) return SS_EPOS;
   parallel_for(ntasks, nt, [&](int64_t t, int) {
     int64_t b = t * per_task, e = std::min(count, b + per_task);
     for (int64_t i = b; i < e; ++i) memcpy(dst + idx[i] * W, vals + i * W, W);
@@ -300,14 +305,7 @@ int add_scatter_impl(uint8_t* dst, int64_t n, const int64_t* idx, const uint8_t*
   const int64_t per_task = 1 << 16;
   const int64_t ntasks = (count + per_task - 1) / per_task;
   int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
-  std::atomic<bool> bad(false);
-  parallel_for(ntasks, nt, [&](int64_t t, int) {
-    int64_t b = t * per_task, e = std::min(count, b + per_task);
-    bool ok = true;
-    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
-    if (!ok) bad.store(true, std::memory_order_relaxed);
-  });
-  if (bad.load()) return SS_EPOS;
+  if (!indices_in_range(idx, count, n, ntasks, per_task, nt)) return SS_EPOS;
   parallel_for(ntasks, nt, [&](int64_t t, int) {
     int64_t b = t * per_task, e = std::min(count, b + per_task);
     const int64_t kAhead = 24;  // the loads of a read-modify-write would stall on misses: prefetch them for writing
