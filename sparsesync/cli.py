@@ -97,7 +97,7 @@ def cmd_push(args) -> int:
         from .safetensors_io import load
         base = load(args.base)
     s = Sender(args.to, token=_token(args), base=base, base_version=args.base_version if base is not None else None,
-               timeout=args.timeout, digest=True)
+               timeout=args.timeout, digest=True, streams=args.streams, compress=args.compress)
     st = s.push(state, args.version)
     _print_push(st)
     s.close()
@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--base", help="safetensors file the receivers hold (enables a delta instead of a full update)")
     p.add_argument("--base-version", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--streams", type=int, default=1, help="TCP connections per receiver (long fat links)")
+    p.add_argument("--compress", action="store_true", help="zstd each bucket (slow links, full updates)")
     _add_model_args(p)
     _add_token_args(p)
     p.set_defaults(fn=cmd_push)

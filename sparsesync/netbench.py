@@ -43,6 +43,7 @@ def add_args(p) -> None:
     p.add_argument("--listen", default="127.0.0.1", help="--serve: address to listen on")
     p.add_argument("--port", type=int, default=BASE_PORT)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--streams", type=int, default=1, help="sparsesync: TCP connections per peer")
     p.add_argument("--worker", choices=["send", "recv"], help=argparse_hidden())
     p.add_argument("--stop-server", action="store_true", help=argparse_hidden())
 
@@ -232,7 +233,7 @@ def _send_worker(args) -> int:
         phase_wire = time.perf_counter() - t0
         sock.close()
         sender = Sender([f"tcp://{args.peer}:{args.port}"], token=token, base=base, base_version=0, progress=False,
-                        timeout=600)
+                        timeout=600, streams=args.streams)
         sender.connect()          # session set-up (handshake, base digest check) happens once, not per sync
         b0 = _link_bytes(dev)
         t0 = time.perf_counter()
@@ -326,7 +327,7 @@ def emulation_available() -> str | None:
 def _worker_cmd(args, role: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "sparsesync.cli", "bench", "--worker", role, "--params", str(args.params),
             "--density", str(args.density), "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed),
-            "--port", str(args.port), "--methods", args.methods] + extra
+            "--port", str(args.port), "--methods", args.methods, "--streams", str(args.streams)] + extra
 
 
 def run_emulated(args) -> list[dict]:
@@ -433,7 +434,8 @@ def main(args) -> int:
         for ln in subprocess.run([sys.executable, "-m", "sparsesync.cli", "bench", "--worker", "send", "--peer",
                                   args.peer, "--params", str(args.params), "--density", str(args.density),
                                   "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed), "--port",
-                                  str(args.port), "--methods", args.methods], capture_output=True, text=True,
+                                  str(args.port), "--methods", args.methods, "--streams", str(args.streams)],
+                                 capture_output=True, text=True,
                                  check=True).stdout.splitlines():
             if ln.startswith("{"):
                 row = json.loads(ln)

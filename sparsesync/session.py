@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import ssl as _ssl
 import sys
@@ -61,6 +62,8 @@ class Receiver:
         self._listener = None
         self._threads: list[threading.Thread] = []
         self._conns: set = set()
+        self._streams: dict[bytes, dict[int, wire.Channel]] = {}   # session id -> parked secondary streams
+        self._streams_lock = threading.Lock()
         self._running = False
         self.errors: collections.deque = collections.deque(maxlen=32)
         self.updates_applied = 0
@@ -157,8 +160,12 @@ class Receiver:
             with self._lock:
                 info = {"version": self.decoder.version, "digest": self._digest_locked(),
                         "layout": self.decoder.layout_digest}
-            wire.server_handshake(ch, self.token, info, self.handshake_timeout)
+            hello = wire.server_handshake(ch, self.token, info, self.handshake_timeout)
             ch.settimeout(self.idle_timeout)
+            if self._park(ch, hello):
+                ch = None              # a secondary stream: read by its session's primary connection from now on
+                return
+            session = hello.get("session") if isinstance(hello.get("session"), bytes) else None
             group = None
             try:
                 while self._running:
@@ -170,10 +177,16 @@ class Receiver:
                             group.close()
                         group = self._join_nccl(ch, wire.unpack(data))
                         continue
-                    self._receive_update(ch, wire.unpack(data), group)
+                    self._receive_update(ch, wire.unpack(data), group, session)
             finally:
                 if group is not None:
                     group.close()
+                if session is not None:
+                    with self._streams_lock:
+                        parked = self._streams.pop(session, {})
+                    for sch in parked.values():
+                        self._conns.discard(sch)
+                        sch.close()
         except (SparseSyncError, OSError, socket.timeout, _ssl.SSLError) as exc:
             if self._running:
                 self.errors.append(f"{peer}: {exc}")
@@ -182,6 +195,41 @@ class Receiver:
             if ch is not None:
                 self._conns.discard(ch)
                 ch.close()
+
+    MAX_STREAMS = 16
+    MAX_SESSIONS = 256
+
+    def _park(self, ch: wire.Channel, hello: dict) -> bool:
+        """A secondary stream (``attach``) is parked for the primary connection of its session to read from."""
+        sid, j = hello.get("attach"), hello.get("stream")
+        if sid is None:
+            return False
+        if not isinstance(sid, bytes) or len(sid) != 16 or not isinstance(j, int) or not 1 <= j < self.MAX_STREAMS:
+            raise wire.ProtocolError("malformed stream attach")
+        with self._streams_lock:
+            if sid not in self._streams and len(self._streams) >= self.MAX_SESSIONS:
+                raise wire.ProtocolError("too many parallel-stream sessions")
+            old = self._streams.setdefault(sid, {}).get(j)
+            self._streams[sid][j] = ch
+        if old is not None:
+            self._conns.discard(old)
+            old.close()
+        return True
+
+    def _stream_channels(self, ch: wire.Channel, session, k: int) -> list:
+        if k == 1:
+            return [ch]
+        if session is None or not 1 < k <= self.MAX_STREAMS:
+            raise wire.ProtocolError(f"UPDATE over {k!r} streams without a session")
+        with self._streams_lock:
+            parked = self._streams.get(session, {})
+            missing = [j for j in range(1, k) if j not in parked]
+            chans = [ch] + [parked.get(j) for j in range(1, k)]
+        if missing:
+            raise wire.ProtocolError(f"UPDATE over {k} streams, but streams {missing} are not attached")
+        for c in chans[1:]:
+            c.settimeout(self.idle_timeout)
+        return chans
 
     def _join_nccl(self, ch: wire.Channel, msg: dict):
         """Join the sender's NCCL communicator (the payload path); the control path stays on this connection."""
@@ -198,10 +246,14 @@ class Receiver:
         ch.send_msg(wire.NCCL_READY, {"ok": True})
         return group
 
-    def _receive_update(self, ch: wire.Channel, msg: dict, group=None) -> None:
+    def _receive_update(self, ch: wire.Channel, msg: dict, group=None, session=None) -> None:
         cnt = msg.get("cnt")
         if not isinstance(cnt, int) or not 1 <= cnt <= 1 << 30:
             raise wire.ProtocolError(f"UPDATE with invalid bucket count {cnt!r}")
+        k = msg.get("streams", 1)
+        if not isinstance(k, int):
+            raise wire.ProtocolError(f"UPDATE with invalid stream count {k!r}")
+        chans = self._stream_channels(ch, session, k)        # bucket i travels on stream i mod k
         via_nccl = msg.get("via") == "nccl"
         if via_nccl and group is None:
             raise wire.ProtocolError("UPDATE via NCCL without a communicator")
@@ -210,7 +262,7 @@ class Receiver:
             err, done, buckets = None, False, []
             t0 = time.perf_counter()
             try:
-                for _ in range(cnt):
+                for i in range(cnt):
                     if via_nccl:
                         _, m = ch.recv_msg((wire.BUCKET_NCCL,))
                         size = m.get("size")
@@ -218,7 +270,7 @@ class Receiver:
                             raise wire.ProtocolError(f"NCCL bucket size {size!r} outside (0, {self.max_bucket}]")
                         data = group.broadcast_bytes(None, size, root=0)
                     else:
-                        data = ch.recv_bucket()
+                        data = chans[i % len(chans)].recv_bucket()
                     if discard:
                         continue
                     if self._relay is not None:
@@ -335,14 +387,17 @@ class _Peer:
         self.url = url
         self.scheme, self.host, self.port = wire.parse_url(url)
         self.ch: wire.Channel | None = None
+        self.extra: list = []           # secondary streams (Sender(streams=k))
         self.version: int | None = None
         self.digest: str | None = None
         self.verified = False           # digest checked against the sender's state at that version
 
     def drop(self) -> None:
-        if self.ch is not None:
-            self.ch.close()
+        for c in [self.ch] + self.extra:
+            if c is not None:
+                c.close()
         self.ch = None
+        self.extra = []
         self.version = None
         self.verified = False
 
@@ -383,6 +438,7 @@ class Sender:
     ``timeout``: the window (seconds) a push waits for a peer; slower peers are cut off, reported, and caught up at a
     later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
     peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
+    ``streams``: TCP connections per peer (buckets go round-robin; for long fat links whose per-flow rate is limited).
     ``bucket_bytes``: bucket size (default 1 MiB, so encode, wire and apply overlap). ``compress``: zstd each bucket
     frame (for slow links; it gains little on sparse deltas, ~1.3x on full bf16 updates).
     """
@@ -391,7 +447,7 @@ class Sender:
                  values: str = "delta", bucket_bytes: int | None = None, timeout: float = 60.0,
                  connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.2, retain: int = 4,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
-                 compress: bool = False, nccl_device=None, allow_unauthenticated: bool = False):
+                 compress: bool = False, streams: int = 1, nccl_device=None, allow_unauthenticated: bool = False):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
@@ -414,6 +470,9 @@ class Sender:
                                bucket_bytes=DEFAULT_SESSION_BUCKET if bucket_bytes is None else bucket_bytes,
                                digest=digest)
         self.compress = compress
+        if not isinstance(streams, int) or not 1 <= streams <= Receiver.MAX_STREAMS:
+            raise ValueError(f"streams must be an int in [1, {Receiver.MAX_STREAMS}], got {streams!r}")
+        self.streams = streams
         self.bucket_bytes = self.encoder.bucket_bytes
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -493,15 +552,27 @@ class Sender:
             self._digests[version] = state_digest(state)
         return self._digests[version]
 
-    def _connect(self, p: _Peer) -> None:
+    def _open(self, p: _Peer, hello: dict) -> tuple[wire.Channel, dict]:
         sock = backends.get(p.scheme).connect(p.host, p.port, self.connect_timeout)
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_hostname=p.host)
         ch = wire.Channel(sock, peer=p.url)
         try:
-            info = wire.client_handshake(ch, self.token, self.connect_timeout)
+            return ch, wire.client_handshake(ch, self.token, self.connect_timeout, hello)
         except BaseException:
             ch.close()
+            raise
+
+    def _connect(self, p: _Peer) -> None:
+        sid = os.urandom(16)
+        ch, info = self._open(p, {"session": sid} if self.streams > 1 else None)
+        extra = []
+        try:
+            for j in range(1, self.streams):
+                extra.append(self._open(p, {"attach": sid, "stream": j})[0])
+        except BaseException:
+            for c in [ch] + extra:
+                c.close()
             raise
         v = info.get("version")
         if not isinstance(v, int):
@@ -510,7 +581,7 @@ class Sender:
         if self.encoder.layout is not None and info.get("layout") != layout_digest(self.encoder.layout):
             ch.close()
             raise SparseSyncError(f"{p.url}: receiver holds a different tensor layout")
-        p.ch, p.version, p.digest, p.verified = ch, v, info.get("digest"), False
+        p.ch, p.extra, p.version, p.digest, p.verified = ch, extra, v, info.get("digest"), False
 
     def _connect_all(self, deadline: float) -> None:
         todo = [p for p in self.peers if p.ch is None]
@@ -683,15 +754,56 @@ class Sender:
 
     def _send_update(self, p: _Peer, buckets_iter, cnt: int, prog: _Progress) -> tuple[int, dict]:
         ch = p.ch
-        ch.settimeout(max(1.0, self.timeout))
-        ch.send_msg(wire.UPDATE, {"cnt": cnt})
-        n = 0
-        for b in buckets_iter:
-            k = ch.send_bucket(b, self.compress)
-            n += k
-            prog.add(k)
+        chans = [ch] + p.extra
+        for c in chans:
+            c.settimeout(max(1.0, self.timeout))
+        ch.send_msg(wire.UPDATE, {"cnt": cnt, "streams": len(chans)} if p.extra else {"cnt": cnt})
+        if not p.extra:
+            n = 0
+            for b in buckets_iter:
+                k = ch.send_bucket(b, self.compress)
+                n += k
+                prog.add(k)
+        else:
+            n = self._send_parallel(chans, buckets_iter, prog)
         _, ack = ch.recv_msg((wire.ACK,))
         return n, ack
+
+    def _send_parallel(self, chans: list, buckets_iter, prog: _Progress) -> int:
+        """Bucket i goes on stream i mod k, one sending thread per stream; at most 2 buckets queued per stream."""
+        import queue
+        queues = [queue.Queue(maxsize=2) for _ in chans]
+        sent, errors = [0] * len(chans), []
+
+        def pump(j):
+            while True:
+                b = queues[j].get()
+                if b is None:
+                    return
+                if errors:
+                    continue                         # drain: the transfer already failed
+                try:
+                    k = chans[j].send_bucket(b, self.compress)
+                    sent[j] += k
+                    prog.add(k)
+                except SparseSyncError as exc:
+                    errors.append(exc)
+        threads = [threading.Thread(target=pump, args=(j,), daemon=True) for j in range(len(chans))]
+        for t in threads:
+            t.start()
+        try:
+            for i, b in enumerate(buckets_iter):
+                if errors:
+                    break
+                queues[i % len(chans)].put(b)
+        finally:
+            for q in queues:
+                q.put(None)
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        return sum(sent)
 
     def _serve_peer(self, p: _Peer, r: PeerResult, feed: _Feed, state, base, version, deadline, prog,
                     full_lock) -> None:

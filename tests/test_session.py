@@ -493,3 +493,30 @@ def test_nccl_backend_refused_clearly_without_gpu():
         pytest.skip("NCCL is usable on this machine")
     with pytest.raises(ss.SparseSyncError, match="NCCL"):
         Sender(["tcp://127.0.0.1:1"], token=TOKEN, backend="nccl")
+
+
+def test_parallel_streams(receivers):
+    base = make_state(12, n=4)
+    r = receivers(clone(base))
+    other = receivers({k: torch.zeros_like(v) for k, v in base.items()}, version=5)
+    with Sender([r.address, other.address], token=TOKEN, base=base, base_version=0, progress=False, streams=3,
+                bucket_bytes=8192) as s:
+        cur = base
+        for v in (1, 2, 3):
+            cur = step_state(cur, v, density=0.05)
+            st = s.push(cur, v)
+            assert st.ok, st
+            assert ss.state_digest(r.state) == ss.state_digest(cur) == ss.state_digest(other.state)
+        assert len(s.peers[0].extra) == 2
+    # an UPDATE that claims more streams than are attached is refused; the state is untouched
+    _, host, port = wire.parse_url(r.address)
+    sock = socket.create_connection((host, port), timeout=5)
+    ch = wire.Channel(sock, peer="x")
+    wire.client_handshake(ch, wire.token_bytes(TOKEN), 5, {"session": os.urandom(16)})
+    ch.send_msg(wire.UPDATE, {"cnt": 2, "streams": 4})
+    sock.settimeout(5)
+    assert sock.recv(4096) == b""
+    ch.close()
+    assert r.version == 3 and ss.state_digest(r.state) == ss.state_digest(cur)
+    with pytest.raises(ValueError, match="streams"):
+        Sender([r.address], token=TOKEN, streams=0)
