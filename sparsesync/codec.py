@@ -82,7 +82,8 @@ class _SegPlan:
 
 
 class Update:
-    """One update: ``buckets`` (list of bytes), ``stats``, ``base_version``, ``version``, ``uid``, ``values``.
+    """One update: ``buckets`` (list of bytes), ``stats``, ``base_version``, ``version``, ``uid``, ``values``,
+    ``count`` (number of buckets; None until the last bucket has been made).
 
     Buckets are produced lazily by :meth:`iter_buckets` when the update was made with ``Encoder.encode(...,
     stream=True)``; otherwise they are all made at ``encode`` time.
@@ -216,28 +217,25 @@ class Encoder:
             return _TensorPlan(name, new, w, "d")
         return _TensorPlan(name, new, w, "s", log2c, build_freq(hist), chunk_counts, bits / 8)
 
-    def _plan_buckets(self, plans: list[_TensorPlan]) -> list[list[_SegPlan]]:
+    def _pack(self, plans) -> Iterator[tuple[list[_SegPlan], bool]]:
+        """Assign segments of the tensor plans (consumed lazily) to buckets of about ``bucket_bytes``; yields each
+        bucket as soon as it is closed, with ``final`` True only for the last one (there is always at least one)."""
         cap = self.bucket_bytes
-        buckets: list[list[_SegPlan]] = [[]]
-        used = 0
-
-        def flush():
-            nonlocal used
-            if buckets[-1]:
-                buckets.append([])
-            used = 0
-
+        cur: list[_SegPlan] = []
+        used = 0.0
         for tp in plans:
             n = tp.new.numel()
             if tp.kind == "d":
                 pos = 0
                 while pos < n:
-                    room = int(cap - used) // tp.w  # used is a float after sparse segments
+                    room = int(cap - used) // tp.w
                     if room <= 0:
-                        flush()
+                        if cur:
+                            yield cur, False
+                        cur, used = [], 0.0
                         continue
                     take = min(room, n - pos)
-                    buckets[-1].append(_SegPlan(tp, pos, pos + take, nchanged=take))
+                    cur.append(_SegPlan(tp, pos, pos + take, nchanged=take))
                     used += take * tp.w
                     pos += take
                 continue
@@ -246,18 +244,17 @@ class Encoder:
             c, nchunks = 0, len(tp.chunk_counts)
             while c < nchunks:
                 c1, size = c, 0.0
-                while c1 < nchunks and (used + size + est[c1] <= cap or (c1 == c and not buckets[-1])):
+                while c1 < nchunks and (used + size + est[c1] <= cap or (c1 == c and not cur)):
                     size += est[c1]
                     c1 += 1
                 if c1 == c:  # not even one chunk fits in what is left of this bucket
-                    flush()
+                    yield cur, False
+                    cur, used = [], 0.0
                     continue
-                buckets[-1].append(_SegPlan(tp, c * C, min(c1 * C, n), c, c1, int(tp.chunk_counts[c:c1].sum())))
+                cur.append(_SegPlan(tp, c * C, min(c1 * C, n), c, c1, int(tp.chunk_counts[c:c1].sum())))
                 used += size + 64
                 c = c1
-        if not buckets[-1] and len(buckets) > 1:
-            buckets.pop()
-        return buckets
+        yield cur, True
 
     # -- encoding ---------------------------------------------------------------------------------------------------
     def encode(self, state, version: int, *, stream: bool = False) -> Update:
@@ -291,26 +288,25 @@ class Encoder:
                 order = {n: i for i, (n, *_) in enumerate(self.layout)}
                 items.sort(key=lambda kv: order[kv[0]])
         stats = UpdateStats(tensors=len(items))
-        plans = []
         for name, t in items:
             stats.elements += t.numel()
             stats.dense_bytes += t.numel() * t.element_size()
             if full:
                 self.snapshot[name] = t.clone() if self._copy_full else t
                 stats.changed += t.numel()
-            tp = self._plan_tensor(name, self.snapshot[name] if full else t, full, stats)
-            if tp is not None:
-                plans.append(tp)
-                stats.tensors_changed += 1
-        bucket_plans = self._plan_buckets(plans)
+
+        def plans():      # scanned lazily, tensor by tensor, as buckets are produced
+            for name, t in items:
+                tp = self._plan_tensor(name, self.snapshot[name] if full else t, full, stats)
+                if tp is not None:
+                    stats.tensors_changed += 1
+                    yield tp
         ldig = layout_digest(self.layout)
         base = None if full else self.version
-        plan_ids = [[[s.tp.name, s.start, s.end] for s in b] for b in bucket_plans]
-        uid = update_uid(ldig, base, version, self.values, len(bucket_plans), plan_ids)
-        stats.buckets = len(bucket_plans)
+        uid = update_uid(ldig, base, version, self.values)
         stats.encode_seconds = time.perf_counter() - t0
-        update = Update(base, version, uid, self.values, len(bucket_plans), stats, None)
-        update._gen = self._generate(update, bucket_plans, ldig, t0)
+        update = Update(base, version, uid, self.values, None, stats, None)
+        update._gen = self._generate(update, self._pack(plans()), ldig)
         self.version = version
         self._pending = update
         if not stream:
@@ -338,12 +334,14 @@ class Encoder:
         return Segment(tp.name, dt, shape, "d", sp.start, sp.end, 0, 0, 0, dense_len, b"", None,
                        sp.end - sp.start), [raw]
 
-    def _generate(self, update: Update, bucket_plans, ldig: bytes, t0: float) -> Iterator[bytes]:
+    def _generate(self, update: Update, packer, ldig: bytes) -> Iterator[bytes]:
         stats = update.stats
         prev = 0
         dense_names = set()
-        for i, plan in enumerate(bucket_plans):
+        i = 0
+        while True:
             t1 = time.perf_counter()
+            plan, last = next(packer)          # planning (scans) of the tensors in this bucket happens here
             segs, parts, off = [], [], 0
             for sp in plan:
                 seg, data = self._encode_segment(sp)
@@ -351,14 +349,13 @@ class Encoder:
                 off += seg.length
                 segs.append(seg)
                 parts.extend(data)
-                if seg.kind == "d" and sp.tp.kind == "s" or sp.tp.kind == "d":
+                if seg.kind == "d":
                     dense_names.add(sp.tp.name)
             body = b"".join(bytes(p) if not isinstance(p, (bytes, bytearray)) else p for p in parts)
-            last = i == len(bucket_plans) - 1
             if last and self.want_digest:
                 update.digest = state_digest(self.snapshot)
             header = Header(uid=update.uid, base=update.base_version, ver=update.version, vals=self.values, idx=i,
-                            cnt=len(bucket_plans), layout=ldig, ntensors=len(self.layout),
+                            cnt=i + 1 if last else 0, layout=ldig, ntensors=len(self.layout),
                             digest=update.digest if last else None, body_len=len(body),
                             body_hash=impl().tree64(body), prev=prev, segs=tuple(segs))
             bucket = pack_bucket(header, body)
@@ -366,9 +363,14 @@ class Encoder:
             stats.wire_bytes += len(bucket)
             stats.header_bytes += len(bucket) - len(body)
             stats.encode_seconds += time.perf_counter() - t1
+            i += 1
             if last:
                 stats.dense_tensors = len(dense_names)
+                stats.buckets = i
+                update.count = i
             yield bucket
+            if last:
+                return
 
 
 def full_update(state, version: int, *, bucket_bytes: int | None = None, stream: bool = True) -> Update:
@@ -402,11 +404,11 @@ class _Pending:
     next_idx: int = 1
     staged: list = field(default_factory=list)     # (tensor_name, kind, start, end, payload)
     ranges: dict = field(default_factory=dict)     # name -> list of (start, end)
-    plan: list = field(default_factory=list)
     wire_bytes: int = 0
     changed: int = 0
     decode_seconds: float = 0.0
     digest: str | None = None
+    count: int = 0
 
 
 class Decoder:
@@ -480,6 +482,26 @@ class Decoder:
         finally:
             self._pending = None
 
+    def stage(self, bucket, *, owned: bool = False) -> bool:
+        """Verify and stage one bucket without touching the tensors; True when the update is complete and verified,
+        ready for :meth:`commit`. On error the partial update is discarded and the error raised."""
+        try:
+            return self._stage(bucket, owned)
+        except BaseException:
+            self._pending = None
+            raise
+
+    def commit(self) -> ApplyStats:
+        """Apply a staged, complete update (after :meth:`stage` returned True)."""
+        p = self._pending
+        if p is None or not p.count:
+            raise SparseSyncError("no complete update is staged")
+        try:
+            self._commit(p, p.digest)
+        finally:
+            self._pending = None
+        return self.last_stats
+
     def feed(self, bucket, *, owned: bool = False) -> bool:
         """Stage one bucket; returns True when it completed (and applied) an update. On error nothing changes.
 
@@ -530,9 +552,11 @@ class Decoder:
         p = self._pending
         if p is None:
             if header.idx != 0:
-                raise CorruptPayload(f"bucket {header.idx} of {header.cnt} arrived first (reordered or lost bucket)")
+                raise CorruptPayload(f"bucket {header.idx} arrived first (reordered or lost bucket)")
             if header.prev != 0:
                 raise CorruptPayload("first bucket has a non-zero chain link")
+            if update_uid(header.layout, header.base, header.ver, header.vals) != header.uid:
+                raise CorruptPayload("update id does not match the update's layout and versions")
             self._check_layout(header)
             if header.base is not None and header.base != self.version:
                 raise VersionMismatch(f"update goes from version {header.base} to {header.ver}, decoder is at "
@@ -540,8 +564,8 @@ class Decoder:
             p = _Pending(header, hhash)
         else:
             h0 = p.header
-            if (header.uid, header.base, header.ver, header.cnt, header.vals, header.layout) != \
-                    (h0.uid, h0.base, h0.ver, h0.cnt, h0.vals, h0.layout):
+            if (header.uid, header.base, header.ver, header.vals, header.layout) != \
+                    (h0.uid, h0.base, h0.ver, h0.vals, h0.layout):
                 raise CorruptPayload("bucket belongs to another update (foreign bucket)")
             if header.idx != p.next_idx:
                 raise CorruptPayload(f"expected bucket {p.next_idx}, got {header.idx} (reordered or duplicated)")
@@ -569,7 +593,6 @@ class Decoder:
         delta = mode == VALUE_MODES["delta"]
         copy_dense = not owned and not isinstance(bucket, bytes)
         io = vo = 0
-        seg_ids = []
         for seg in header.segs:
             t = self.state[seg.name]
             data = body[seg.off: seg.off + seg.length]
@@ -597,17 +620,13 @@ class Decoder:
                 else:
                     p.staged.append((seg.name, "s", seg.start, seg.end, (idx, vals)))
             p.changed += seg.nchanged
-            seg_ids.append([seg.name, seg.start, seg.end])
-        p.plan.append(seg_ids)
         p.wire_bytes += len(memoryview(bucket).cast("B"))
         p.decode_seconds += time.perf_counter() - t0
         self._pending = p
-        if header.idx != header.cnt - 1:
+        if header.cnt == 0:                    # more buckets follow
             return False
-        h0 = p.header
-        if update_uid(h0.layout, h0.base, h0.ver, h0.vals, h0.cnt, p.plan) != h0.uid:
-            raise CorruptPayload("update id does not match the buckets received")
         p.digest = header.digest
+        p.count = header.cnt
         return True
 
     def _commit(self, p: _Pending, digest: str | None) -> None:
@@ -665,5 +684,5 @@ class Decoder:
         h0 = p.header
         self.version = h0.ver
         self._pending = None
-        self.last_stats = ApplyStats(h0.base, h0.ver, h0.cnt, p.wire_bytes, p.changed, p.decode_seconds,
+        self.last_stats = ApplyStats(h0.base, h0.ver, p.count, p.wire_bytes, p.changed, p.decode_seconds,
                                      time.perf_counter() - t0, verify)

@@ -153,11 +153,12 @@ def rice_bits(density: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # update id and buckets
 
-def update_uid(layout: bytes, base, ver: int, vals: str, cnt: int, plan: list) -> bytes:
-    """plan: per bucket, a list of [name, start, end] of its segments (FORMAT.md 5)."""
+def update_uid(layout: bytes, base, ver: int, vals: str) -> bytes:
+    """FORMAT.md 5: names the transition (layout, versions, value mode); buckets of two different updates of the same
+    transition are told apart by the chain of ``prev`` links."""
     h = hashlib.blake2b(digest_size=32)
     h.update(layout)
-    h.update(msgpack.packb([base, ver, vals, cnt, plan], use_bin_type=True))
+    h.update(msgpack.packb([base, ver, vals], use_bin_type=True))
     return h.digest()[:16]
 
 
@@ -272,8 +273,10 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
     vals = _typed(m, "vals", str)
     if len(uid) != 16 or len(layout) != 16 or vals not in VALUE_MODES:
         raise CorruptPayload("uid/layout/vals invalid")
-    cnt = _int(m, "cnt", 1, 1 << 40)
-    idx = _int(m, "idx", 0, cnt - 1)
+    idx = _int(m, "idx", 0, 1 << 40)
+    cnt = _int(m, "cnt", 0, 1 << 40)
+    if cnt not in (0, idx + 1):
+        raise CorruptPayload(f"bucket {idx} has count {cnt}: it must be 0 (more follow) or {idx + 1} (the last)")
     body_len = _int(m, "body_len", 0, 1 << 62)
     body = mv[PREAMBLE.size + hlen:]
     if len(body) != body_len:

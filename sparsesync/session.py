@@ -246,10 +246,11 @@ class Receiver:
         ch.send_msg(wire.NCCL_READY, {"ok": True})
         return group
 
+    MAX_BUCKETS = 1 << 30
+
     def _receive_update(self, ch: wire.Channel, msg: dict, group=None, session=None) -> None:
-        cnt = msg.get("cnt")
-        if not isinstance(cnt, int) or not 1 <= cnt <= 1 << 30:
-            raise wire.ProtocolError(f"UPDATE with invalid bucket count {cnt!r}")
+        """Buckets follow the UPDATE frame until a DONE frame ({cnt}); with k streams bucket i (and then DONE) comes
+        on stream i mod k."""
         k = msg.get("streams", 1)
         if not isinstance(k, int):
             raise wire.ProtocolError(f"UPDATE with invalid stream count {k!r}")
@@ -262,24 +263,45 @@ class Receiver:
             err, done, buckets = None, False, []
             t0 = time.perf_counter()
             try:
-                for i in range(cnt):
+                i = 0
+                while True:
+                    if i >= self.MAX_BUCKETS:
+                        raise wire.ProtocolError("too many buckets in one update")
                     if via_nccl:
-                        _, m = ch.recv_msg((wire.BUCKET_NCCL,))
+                        ftype, m = ch.recv_msg((wire.BUCKET_NCCL, wire.DONE))
+                        if ftype == wire.DONE:
+                            done_msg = m
+                            break
                         size = m.get("size")
                         if not isinstance(size, int) or not 0 < size <= self.max_bucket:
                             raise wire.ProtocolError(f"NCCL bucket size {size!r} outside (0, {self.max_bucket}]")
                         data = group.broadcast_bytes(None, size, root=0)
                     else:
-                        data = chans[i % len(chans)].recv_bucket()
+                        src = chans[i % len(chans)]
+                        data = src.recv_bucket()
+                        if data is None:
+                            done_msg = src.done_msg
+                            break
+                    i += 1
                     if discard:
                         continue
                     if self._relay is not None:
                         buckets.append(data)
                     if err is None:
                         try:
-                            done = self.decoder.feed(data, owned=True)
+                            if done:       # a bucket after the final one: nothing is applied
+                                self.decoder.abort()
+                                raise CorruptPayload("more buckets than the update announced")
+                            done = self.decoder.stage(data, owned=True)
                         except SparseSyncError as exc:
                             err = exc
+                if done_msg.get("cnt") != i:
+                    raise wire.ProtocolError(f"DONE says {done_msg.get('cnt')!r} buckets, {i} arrived")
+                if err is None and done:
+                    try:
+                        self.decoder.commit()
+                    except SparseSyncError as exc:
+                        err = exc
             except BaseException:
                 self.decoder.abort()        # connection cut mid-update: the state was never touched
                 raise
@@ -378,8 +400,12 @@ class _Feed:
         while self.get(i) is not None:
             i += 1
 
-    def __len__(self) -> int:
-        return self.update.count if self.update is not None else len(self.buckets)
+    def iterate(self):
+        """Buckets in order, produced on demand."""
+        i = 0
+        while (b := self.get(i)) is not None:
+            yield b
+            i += 1
 
 
 class _Peer:
@@ -681,15 +707,18 @@ class Sender:
         plans = {p.url: self._plan(p, base, version)[0] for p in members}
         try:
             for p in members:
-                p.ch.send_msg(wire.UPDATE, {"cnt": len(feed), "via": "nccl",
+                p.ch.send_msg(wire.UPDATE, {"via": "nccl",
                                             "discard": plans[p.url] not in ("delta", "full")
                                             or (plans[p.url] == "full" and base is not None)})
-            for i in range(len(feed)):
-                b = feed.get(i)
+            cnt = 0
+            for b in feed.iterate():
                 for p in members:
                     p.ch.send_msg(wire.BUCKET_NCCL, {"size": len(b)})
                 self._group.broadcast_bytes(b, len(b), root=0)
                 prog.add(len(b) * len(members))
+                cnt += 1
+            for p in members:
+                p.ch.send_msg(wire.DONE, {"cnt": cnt})
             for p in members:
                 _, ack = p.ch.recv_msg((wire.ACK,))
                 r = results[p.url]
@@ -752,18 +781,20 @@ class Sender:
         return PushStats(version, 0.0, time.perf_counter() - t0, 0, wire_bytes, 0,
                          [results[p.url] for p in self.peers])
 
-    def _send_update(self, p: _Peer, buckets_iter, cnt: int, prog: _Progress) -> tuple[int, dict]:
+    def _send_update(self, p: _Peer, buckets_iter, prog: _Progress) -> tuple[int, dict]:
         ch = p.ch
         chans = [ch] + p.extra
         for c in chans:
             c.settimeout(max(1.0, self.timeout))
-        ch.send_msg(wire.UPDATE, {"cnt": cnt, "streams": len(chans)} if p.extra else {"cnt": cnt})
+        ch.send_msg(wire.UPDATE, {"streams": len(chans)} if p.extra else {})
         if not p.extra:
-            n = 0
+            n = cnt = 0
             for b in buckets_iter:
                 k = ch.send_bucket(b, self.compress)
                 n += k
+                cnt += 1
                 prog.add(k)
+            ch.send_msg(wire.DONE, {"cnt": cnt})
         else:
             n = self._send_parallel(chans, buckets_iter, prog)
         _, ack = ch.recv_msg((wire.ACK,))
@@ -783,6 +814,9 @@ class Sender:
                 if errors:
                     continue                         # drain: the transfer already failed
                 try:
+                    if isinstance(b, tuple):
+                        chans[j].send_msg(wire.DONE, {"cnt": b[1]})
+                        continue
                     k = chans[j].send_bucket(b, self.compress)
                     sent[j] += k
                     prog.add(k)
@@ -791,11 +825,15 @@ class Sender:
         threads = [threading.Thread(target=pump, args=(j,), daemon=True) for j in range(len(chans))]
         for t in threads:
             t.start()
+        cnt = 0
         try:
-            for i, b in enumerate(buckets_iter):
+            for b in buckets_iter:
                 if errors:
                     break
-                queues[i % len(chans)].put(b)
+                queues[cnt % len(chans)].put(b)
+                cnt += 1
+            if not errors:
+                queues[cnt % len(chans)].put(("DONE", cnt))   # DONE goes where bucket cnt would have gone
         finally:
             for q in queues:
                 q.put(None)
@@ -824,15 +862,14 @@ class Sender:
                     return
                 for part in parts:
                     if part is None:
-                        it = (feed.get(i) for i in range(len(feed)))
-                        nbytes, ack = self._send_update(p, it, len(feed), prog)
+                        nbytes, ack = self._send_update(p, feed.iterate(), prog)
                     elif part == "full":
                         feed.finish()              # the snapshot is final once the delta is fully encoded
                         with full_lock:
                             up = full_update(state, version, bucket_bytes=self.bucket_bytes)
-                            nbytes, ack = self._send_update(p, up.iter_buckets(), up.count, prog)
+                            nbytes, ack = self._send_update(p, up.iter_buckets(), prog)
                     else:
-                        nbytes, ack = self._send_update(p, iter(part), len(part), prog)
+                        nbytes, ack = self._send_update(p, iter(part), prog)
                     r.bytes += nbytes
                     r.apply_s += float(ack.get("apply_s", 0.0)) + float(ack.get("decode_s", 0.0))
                     if not ack.get("ok"):

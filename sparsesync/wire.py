@@ -21,10 +21,11 @@ from .errors import SparseSyncError
 PROTOCOL = 1
 FRAME = struct.Struct("<BQ")
 
-CHALLENGE, AUTH, WELCOME, UPDATE, BUCKET, ACK, BYE, REJECT, BUCKET_Z, NCCL_INIT, NCCL_READY, BUCKET_NCCL = range(1, 13)
+(CHALLENGE, AUTH, WELCOME, UPDATE, BUCKET, ACK, BYE, REJECT, BUCKET_Z, NCCL_INIT, NCCL_READY, BUCKET_NCCL,
+ DONE) = range(1, 14)
 NAMES = {CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", UPDATE: "UPDATE", BUCKET: "BUCKET", ACK: "ACK",
          BYE: "BYE", REJECT: "REJECT", BUCKET_Z: "BUCKET_Z", NCCL_INIT: "NCCL_INIT", NCCL_READY: "NCCL_READY",
-         BUCKET_NCCL: "BUCKET_NCCL"}
+         BUCKET_NCCL: "BUCKET_NCCL", DONE: "DONE"}
 MAX_CONTROL = 64 << 10
 DEFAULT_MAX_BUCKET = 1 << 30
 
@@ -139,9 +140,15 @@ class Channel:
         self.send(BUCKET, bucket)
         return len(bucket)
 
-    def recv_bucket(self) -> bytearray | bytes:
-        """Receive one bucket (BUCKET or BUCKET_Z), decompressing with the same size bound."""
-        ftype, data = self.recv((BUCKET, BUCKET_Z))
+    def recv_bucket(self):
+        """Receive one bucket (BUCKET or BUCKET_Z, decompressed with the same size bound), or None for DONE (then
+        ``self.done_msg`` holds its map)."""
+        ftype, data = self.recv((BUCKET, BUCKET_Z, DONE))
+        if ftype == DONE:
+            if len(data) > MAX_CONTROL:
+                raise ProtocolError(f"{self.peer}: DONE frame too large")
+            self.done_msg = unpack(data)
+            return None
         if ftype == BUCKET:
             return data
         import zstandard

@@ -111,7 +111,8 @@ def check_stats(update, old: dict | None, new: dict) -> None:
     s = update.stats
     buckets = update.buckets
     hs = headers(buckets)
-    assert s.buckets == len(buckets) == update.count == hs[0].cnt
+    assert s.buckets == len(buckets) == update.count == hs[-1].cnt   # FORMAT.md 2: only the last bucket counts
+    assert all(h.cnt == 0 for h in hs[:-1])
     assert s.wire_bytes == sum(len(b) for b in buckets)
     assert s.header_bytes == sum(len(b) - h.body_len for b, h in zip(buckets, hs))
     assert s.tensors == len(new)

@@ -269,9 +269,12 @@ def apply_update(buckets, state: dict):
             raise SpecError("version or index")
         if first is None:
             first = m
-        elif (m["uid"], m["base"], m["ver"], m["cnt"], m["vals"], m["layout"]) != \
-                (first["uid"], first["base"], first["ver"], first["cnt"], first["vals"], first["layout"]):
+        elif (m["uid"], m["base"], m["ver"], m["vals"], m["layout"]) != \
+                (first["uid"], first["base"], first["ver"], first["vals"], first["layout"]):
             raise SpecError("foreign bucket")
+        if m["cnt"] not in (0, idx + 1):
+            raise SpecError("count must be 0 (more follow) or idx + 1 (the last bucket)")
+        last = m
         off = 0
         for seg in m["segs"]:
             name, dtype, shape, kind, start, end, log2c, table_len, soff, slen, freq, vhash, nchanged = seg
@@ -298,7 +301,7 @@ def apply_update(buckets, state: dict):
                 raise SpecError("kind")
         if off != len(body):
             raise SpecError("segments must cover the body")
-    if first is None or idx != first["cnt"] - 1:
+    if first is None or last["cnt"] != idx + 1:
         raise SpecError("truncated")
     for name, ws in writes:
         _, _, buf = state[name]
@@ -309,16 +312,10 @@ def apply_update(buckets, state: dict):
 
 
 def uid_per_doc(first_header, buckets) -> bytes:
-    """FORMAT.md 5: BLAKE2b over layout, then msgpack([base, ver, vals, cnt, plan]) with plan = per bucket the
-    [name, start, end] of each segment."""
-    plan = []
-    for b in buckets:
-        m, _ = parse_bucket(b)
-        plan.append([[sg[0], sg[4], sg[5]] for sg in m["segs"]])
+    """FORMAT.md 5: BLAKE2b over layout, then msgpack([base, ver, vals])."""
     h = hashlib.blake2b(digest_size=32)
     h.update(first_header["layout"])
-    h.update(msgpack.packb([first_header["base"], first_header["ver"], first_header["vals"], first_header["cnt"],
-                            plan], use_bin_type=True))
+    h.update(msgpack.packb([first_header["base"], first_header["ver"], first_header["vals"]], use_bin_type=True))
     return h.digest()[:16]
 
 

@@ -122,7 +122,7 @@ def test_unauthenticated_peer_dropped_and_oversized_frames_refused(receivers):
     sock = socket.create_connection((host, port), timeout=5)
     ch = wire.Channel(sock, peer="forger")
     wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
-    ch.send_msg(wire.UPDATE, {"cnt": 1})
+    ch.send_msg(wire.UPDATE, {})
     sock.sendall(struct.pack("<BQ", wire.BUCKET, 1 << 62))
     sock.settimeout(5)
     assert sock.recv(4096) == b""
@@ -131,8 +131,9 @@ def test_unauthenticated_peer_dropped_and_oversized_frames_refused(receivers):
     sock = socket.create_connection((host, port), timeout=5)
     ch = wire.Channel(sock, peer="forger")
     wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
-    ch.send_msg(wire.UPDATE, {"cnt": 1})
+    ch.send_msg(wire.UPDATE, {})
     ch.send(wire.BUCKET, b"SSYN" + b"\xff" * 200)
+    ch.send_msg(wire.DONE, {"cnt": 1})
     _, ack = ch.recv_msg((wire.ACK,))
     assert ack["ok"] is False and ack["error_type"] == "CorruptPayload"
     ch.close()
@@ -374,7 +375,7 @@ def test_zstd_outer_compression_and_forged_compressed_frame(receivers):
     sock = socket.create_connection((host, port), timeout=5)
     ch = wire.Channel(sock, peer="forger")
     wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
-    ch.send_msg(wire.UPDATE, {"cnt": 1})
+    ch.send_msg(wire.UPDATE, {})
     frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(b"\0" * 1000)
     ch.send(wire.BUCKET_Z, _declare_huge(bytearray(frame)))
     sock.settimeout(5)
@@ -513,10 +514,37 @@ def test_parallel_streams(receivers):
     sock = socket.create_connection((host, port), timeout=5)
     ch = wire.Channel(sock, peer="x")
     wire.client_handshake(ch, wire.token_bytes(TOKEN), 5, {"session": os.urandom(16)})
-    ch.send_msg(wire.UPDATE, {"cnt": 2, "streams": 4})
+    ch.send_msg(wire.UPDATE, {"streams": 4})
     sock.settimeout(5)
     assert sock.recv(4096) == b""
     ch.close()
     assert r.version == 3 and ss.state_digest(r.state) == ss.state_digest(cur)
     with pytest.raises(ValueError, match="streams"):
         Sender([r.address], token=TOKEN, streams=0)
+
+
+def test_bucket_after_the_final_one_applies_nothing(receivers):
+    base = make_state(13)
+    r = receivers(clone(base))
+    new = step_state(base, 1)
+    buckets = ss.Encoder(base=base, base_version=0).encode(new, 1).buckets
+    _, host, port = wire.parse_url(r.address)
+    sock = socket.create_connection((host, port), timeout=5)
+    ch = wire.Channel(sock, peer="x")
+    wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
+    ch.send_msg(wire.UPDATE, {})
+    for b in buckets + [buckets[-1]]:
+        ch.send(wire.BUCKET, b)
+    ch.send_msg(wire.DONE, {"cnt": len(buckets) + 1})
+    _, ack = ch.recv_msg((wire.ACK,))
+    assert ack["ok"] is False and ack["error_type"] == "CorruptPayload"
+    assert r.version == 0 and ss.state_digest(r.state) == ss.state_digest(base)
+    # and a DONE that miscounts is a protocol error: the connection is dropped, nothing applied
+    ch.send_msg(wire.UPDATE, {})
+    for b in buckets:
+        ch.send(wire.BUCKET, b)
+    ch.send_msg(wire.DONE, {"cnt": len(buckets) + 5})
+    sock.settimeout(5)
+    assert sock.recv(4096) == b""
+    ch.close()
+    assert r.version == 0 and ss.state_digest(r.state) == ss.state_digest(base)
