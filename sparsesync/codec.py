@@ -219,10 +219,17 @@ class Encoder:
 
     def _pack(self, plans) -> Iterator[tuple[list[_SegPlan], bool]]:
         """Assign segments of the tensor plans (consumed lazily) to buckets of about ``bucket_bytes``; yields each
-        bucket as soon as it is closed, with ``final`` True only for the last one (there is always at least one)."""
-        cap = self.bucket_bytes
+        bucket as soon as it is closed, with ``final`` True only for the last one (there is always at least one).
+        The first buckets are smaller (1/16, 1/8, ... of the target) so that the first bytes leave early."""
+        nbuckets = 0
+        cap = max(4096, self.bucket_bytes >> 4)
         cur: list[_SegPlan] = []
         used = 0.0
+
+        def close():
+            nonlocal nbuckets, cap
+            nbuckets += 1
+            cap = max(4096, self.bucket_bytes >> max(0, 4 - nbuckets))
         for tp in plans:
             n = tp.new.numel()
             if tp.kind == "d":
@@ -232,6 +239,7 @@ class Encoder:
                     if room <= 0:
                         if cur:
                             yield cur, False
+                            close()
                         cur, used = [], 0.0
                         continue
                     take = min(room, n - pos)
@@ -249,6 +257,7 @@ class Encoder:
                     c1 += 1
                 if c1 == c:  # not even one chunk fits in what is left of this bucket
                     yield cur, False
+                    close()
                     cur, used = [], 0.0
                     continue
                 cur.append(_SegPlan(tp, c * C, min(c1 * C, n), c, c1, int(tp.chunk_counts[c:c1].sum())))

@@ -387,13 +387,17 @@ class _Feed:
         self._lock = threading.Lock()
 
     def get(self, i: int):
-        with self._lock:
-            while len(self.buckets) <= i and not self.done:
-                try:
-                    self.buckets.append(next(self._it))
-                except StopIteration:
-                    self.done = True
-            return self.buckets[i] if i < len(self.buckets) else None
+        while True:
+            if i < len(self.buckets):          # made already: no waiting on whoever is producing the next one
+                return self.buckets[i]
+            if self.done:
+                return None
+            with self._lock:
+                if i >= len(self.buckets) and not self.done:
+                    try:
+                        self.buckets.append(next(self._it))
+                    except StopIteration:
+                        self.done = True
 
     def finish(self) -> None:
         i = len(self.buckets)
