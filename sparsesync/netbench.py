@@ -337,17 +337,22 @@ def run_emulated(args) -> list[dict]:
     rows = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent)] +
                                                       [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cpus) // 2)
+    split = (cpus[:half], cpus[half:] or cpus[:half])    # sender's and receiver's CPUs
+    print(f"emulated hosts: sender on CPUs {split[0]}, receiver on CPUs {split[1]}", file=sys.stderr)
     for rate in args.rates.split(","):
         print(f"[{rate}] setting up the emulated link and both hosts ...", file=sys.stderr, flush=True)
         with EmulatedLink(rate) as link:
-            env_b = dict(env)
+            env_b = dict(env, SPARSESYNC_BENCH_CPUS=",".join(map(str, split[1])))
             srv = subprocess.Popen(link.exec(1) + _worker_cmd(args, "recv", ["--listen", link.addr[1]]), env=env_b,
                                    stdout=subprocess.PIPE, text=True)
             try:
                 line = srv.stdout.readline()
                 if line.strip() != "ready":
                     raise SystemExit(f"receiver did not start (said {line!r})")
-                env_a = dict(env, SPARSESYNC_BENCH_DEV=link.dev[0])
+                env_a = dict(env, SPARSESYNC_BENCH_DEV=link.dev[0],
+                             SPARSESYNC_BENCH_CPUS=",".join(map(str, split[0])))
                 out = subprocess.run(link.exec(0) + _worker_cmd(args, "send", ["--peer", link.addr[1],
                                                                                 "--stop-server"]),
                                      env=env_a, capture_output=True, text=True, timeout=3600)
@@ -373,7 +378,8 @@ def run_emulated(args) -> list[dict]:
 def report(rows: list[dict], args) -> None:
     rates = list(dict.fromkeys(r["rate"] for r in rows))
     print(f"\nsparsesync bench: {args.params / 1e9:.2f}B bf16 params, {args.density}% changed, one sync, end to end "
-          "(encode + wire + apply, bit-exact digest checked)")
+          "(encode + wire + apply, bit-exact digest checked); each emulated host pinned to its own half of the "
+          "CPUs")
     print(f"| link | {' | '.join(m + ' s' for m in METHODS)} | sparsesync speed-up vs dense | link bytes int32+raw "
           "/ sparsesync |")
     print("|---" * (len(METHODS) + 3) + "|")
@@ -421,7 +427,19 @@ def report(rows: list[dict], args) -> None:
     print(f"wrote {out.with_suffix('.png')}")
 
 
+def _pin_from_env() -> None:
+    """Emulated hosts get their own CPUs (SPARSESYNC_BENCH_CPUS="0,1"), as real hosts would: otherwise the sender's
+    encoding and the receiver's decoding compete for the same cores, which no pair of real hosts does."""
+    cpus = os.environ.get("SPARSESYNC_BENCH_CPUS")
+    if cpus:
+        ids = {int(c) for c in cpus.split(",")}
+        os.sched_setaffinity(0, ids)
+        torch.set_num_threads(len(ids))
+        os.environ["SPARSESYNC_THREADS"] = str(len(ids))
+
+
 def main(args) -> int:
+    _pin_from_env()
     if args.worker == "recv":
         return _serve_worker(args)
     if args.worker == "send":

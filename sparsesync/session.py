@@ -22,7 +22,7 @@ from .digest import layout_digest, state_digest
 from .errors import CorruptPayload, SparseSyncError
 
 log = logging.getLogger("sparsesync")
-DEFAULT_SESSION_BUCKET = 1 << 20
+DEFAULT_SESSION_BUCKET = 256 << 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -469,7 +469,8 @@ class Sender:
     later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
     peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
     ``streams``: TCP connections per peer (buckets go round-robin; for long fat links whose per-flow rate is limited).
-    ``bucket_bytes``: bucket size (default 1 MiB, so encode, wire and apply overlap). ``compress``: zstd each bucket
+    ``bucket_bytes``: bucket size (default 256 KiB: encode, wire and apply overlap, and the last bucket is short).
+    ``compress``: zstd each bucket
     frame (for slow links; it gains little on sparse deltas, ~1.3x on full bf16 updates).
     """
 
