@@ -116,10 +116,6 @@ class Update:
             self._buckets.append(b)
             yield b
 
-    def _release_streamed(self):
-        """Drop buckets already handed out (for streaming senders that must not hold the whole update)."""
-        self._buckets.clear()
-
     def finish(self) -> None:
         for _ in self.iter_buckets():
             pass
