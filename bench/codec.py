@@ -1,9 +1,14 @@
 """Codec benchmark: bytes per changed element against baselines and the information bound, and CPU speed.
 
-    python bench/codec.py size     [--elements 67108864]            synthetic +-1 ulp updates at several densities
-    python bench/codec.py trace    [--trace bench/out/trace.pt]     realistic trace from bench/trace.py
-    python bench/codec.py speed    [--elements 268435456]           encode / decode+apply vs naive torch and clone
-    python bench/codec.py all                                       the three, results to bench/results/codec.json
+    python bench/codec.py size     [--elements 67108864]          synthetic +-1 ulp updates at several densities
+    python bench/codec.py trace    [--trace PATH]                 realistic trace written by bench/trace.py
+    python bench/codec.py speed    [--speed-elements 268435456]   encode / decode+apply vs naive torch and clone
+    python bench/codec.py all                                     the three
+
+Results go to --out DIR (default: the scratch folder $TMPDIR/sparsesync-bench): codec.json (merged with what is
+already there, so runs of single parts add up) and codec.txt (what is printed on stdout). The committed results are
+only rewritten when asked: --out bench/results. The trace is read from --trace (default: trace.pt in the scratch
+folder, where `python bench/trace.py` writes it by default).
 
 Every sparsesync result is verified bit-exact (state_digest of the receiver == sender) before it is reported.
 """
@@ -25,8 +30,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sparsesync as ss  # noqa: E402
 from sparsesync import kernels  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from sparsesync.netbench import SCRATCH, Tee  # noqa: E402
 
 
 def machine() -> str:
@@ -116,7 +120,8 @@ def measure_sparsesync(base: dict, new: dict, values: str) -> dict:
         raise SystemExit(f"NOT BIT-EXACT ({values}) — benchmark aborted")
     s = up.stats
     return {"wire_bytes": s.wire_bytes, "header_bytes": s.header_bytes, "changed": s.changed,
-            "bytes_per_changed": s.bytes_per_changed, "dense_tensors": s.dense_tensors, "buckets": s.buckets,
+            "bytes_per_changed": s.wire_bytes / s.changed if s.changed else None,     # None (not inf): no change
+            "dense_tensors": s.dense_tensors, "buckets": s.buckets,
             "encode_s": t_enc, "decode_apply_s": t_dec, "bit_exact": exact}
 
 
@@ -139,31 +144,38 @@ def synthetic(elements: int, density: float, seed: int, tensor_elems: int = 1 <<
     return base, new
 
 
+def _per(nbytes: float, k: int) -> float | None:
+    """Bytes per changed element; None (printed "-") when nothing changed, never inf."""
+    return nbytes / k if k else None
+
+
 def size_row(label: str, base: dict, new: dict, dense_zstd: bool) -> dict:
     pairs = [(base[k], new[k]) for k in base]
     bound = info_bound_bits(pairs)
     k = bound["changed"]
     row = {"label": label, "elements": sum(t.numel() for t in base.values()), "changed": k}
-    row["density_pct"] = 100 * k / row["elements"]
-    row["bound_B_per_changed"] = (bound["position_bits"] + bound["value_bits"]) / 8 / k
+    row["density_pct"] = 100 * k / row["elements"] if row["elements"] else 0.0
+    row["bound_B_per_changed"] = _per((bound["position_bits"] + bound["value_bits"]) / 8, k)
     for values in ("delta", "raw"):
         r = measure_sparsesync(base, new, values)
         row[f"ss_{values}_B"] = r["bytes_per_changed"]
         row[f"ss_{values}_dense_tensors"] = r["dense_tensors"]
-    row["ratio_to_bound"] = row["ss_delta_B"] / row["bound_B_per_changed"]
-    row["int32_raw_B"] = baseline_int32_raw(pairs) / k
-    row["gap_zstd_B"] = baseline_gap_zstd(pairs) / k
+    row["ratio_to_bound"] = row["ss_delta_B"] / row["bound_B_per_changed"] \
+        if row["ss_delta_B"] and row["bound_B_per_changed"] else None
+    row["int32_raw_B"] = _per(baseline_int32_raw(pairs), k)
+    row["gap_zstd_B"] = _per(baseline_gap_zstd(pairs), k)
     if dense_zstd:
-        row["dense_zstd_B"] = baseline_dense_zstd(pairs) / k
-    row["dense_B"] = sum(t.numel() * t.element_size() for t in base.values()) / k
+        row["dense_zstd_B"] = _per(baseline_dense_zstd(pairs), k)
+    row["dense_B"] = _per(sum(t.numel() * t.element_size() for t in base.values()), k)
     return row
 
 
 def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """Markdown table; "-" for a value that is missing (a baseline not run) or undefined (nothing changed)."""
     print("| " + " | ".join(h for h, _, _ in cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
-        print("| " + " | ".join(format(r[k], f) if k in r else "-" for _, k, f in cols) + " |")
+        print("| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for _, k, f in cols) + " |")
 
 
 SIZE_COLS = [("data", "label", "s"), ("dense tensors", "ss_delta_dense_tensors", "d"), ("changed %", "density_pct", ".2f"), ("bound B", "bound_B_per_changed", ".3f"),
@@ -199,8 +211,11 @@ def run_trace(args) -> list[dict]:
     for i in range(1, len(steps)):
         row = size_row(f"trace step {i}", steps[i - 1], steps[i], dense_zstd=(i == 1))
         rows.append(row)
-        print(f"  [trace step {i}: {row['ss_delta_B']:.3f} B/changed, {row['ratio_to_bound']:.3f}x bound]",
-              file=sys.stderr)
+        if row["ss_delta_B"] is None:
+            print(f"  [trace step {i}: nothing changed]", file=sys.stderr)
+        else:
+            print(f"  [trace step {i}: {row['ss_delta_B']:.3f} B/changed, {row['ratio_to_bound']:.3f}x bound]",
+                  file=sys.stderr)
     # a chain through one encoder/decoder pair, checking every step
     enc = ss.Encoder(base=steps[0], base_version=0)
     recv = {k: v.clone() for k, v in steps[0].items()}
@@ -273,14 +288,32 @@ def run_speed(args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["size", "trace", "speed", "all"])
-    ap.add_argument("--elements", type=int, default=1 << 26, help="synthetic size benchmark elements (>= 64M)")
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.6, 1.0, 3.0, 10.0])
-    ap.add_argument("--speed-elements", type=int, default=1 << 28)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--trace", default=str(Path(__file__).resolve().parent / "out" / "trace.pt"))
-    ap.add_argument("--out", default=str(RESULTS / "codec.json"))
+    ap.add_argument("what", choices=["size", "trace", "speed", "all"], help="which benchmark to run")
+    ap.add_argument("--elements", type=int, default=1 << 26,
+                    help="size benchmark: synthetic elements (default 67108864; keep >= 64M)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.6, 1.0, 3.0, 10.0],
+                    help="size benchmark: percent changed, one row each (default 0.1 0.6 1 3 10)")
+    ap.add_argument("--speed-elements", type=int, default=1 << 28,
+                    help="speed benchmark: bf16 elements (default 268435456)")
+    ap.add_argument("--repeat", type=int, default=3, help="speed benchmark: repetitions, best kept (default 3)")
+    ap.add_argument("--trace", default=str(SCRATCH / "trace.pt"),
+                    help="trace benchmark: the trace written by bench/trace.py (default %(default)s)")
+    ap.add_argument("--out", metavar="DIR", default=str(SCRATCH),
+                    help="write codec.json (merged with an existing one) and codec.txt (this run's output) into DIR "
+                         "(default %(default)s; the committed results are bench/results); a path ending in .json "
+                         "names the JSON file itself")
     args = ap.parse_args(argv)
+    if args.what in ("trace", "all") and not Path(args.trace).is_file():   # before minutes of the other parts
+        ap.error(f"no trace at {args.trace}: run `python bench/trace.py` first (it writes {SCRATCH / 'trace.pt'} "
+                 "by default), or pass --trace PATH")
+    path = Path(args.out) if args.out.endswith(".json") else Path(args.out) / "codec.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Tee(path.with_suffix(".txt")):
+        run(args, path)
+        print(f"\nresults written to {path} and {path.with_suffix('.txt')}")
+
+
+def run(args, path: Path) -> None:
     out = {"machine": machine(), "native": kernels.using_native(), "threads": torch.get_num_threads()}
     print(f"machine: {out['machine']}; native kernels: {out['native']}")
     if args.what in ("size", "all"):
@@ -306,12 +339,9 @@ def main(argv=None) -> None:
         print(f"  sparsesync decode + apply       {sp['decode_apply_s'] * 1e3:8.1f} ms  ({sp['decode_apply_GBps']:.2f} "
               f"GB/s, {sp['decode_over_clone']:.3f} of clone time)")
         print(f"  state_digest                    {sp['digest_s'] * 1e3:8.1f} ms  ({sp['digest_GBps']:.2f} GB/s)")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(out)
     path.write_text(json.dumps(old, indent=1))
-    print(f"\nresults written to {path}")
 
 
 if __name__ == "__main__":

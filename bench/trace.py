@@ -6,8 +6,12 @@ are "trained-like" rather than at init) it snapshots every parameter as bf16 -- 
 inference engines -- once before and once after each optimizer step.  Consecutive snapshots differ in the few elements
 whose fp32 master crossed a bf16 rounding boundary; that sparse difference is what sparsesync codes.
 
-    python bench/trace.py                      # default ~30M params, 8 steps, writes bench/out/trace.pt
-    python bench/trace.py --layers 1 --hidden 64 --steps 3 --out /tmp/t.pt
+    python bench/trace.py                      # default ~30M params, 8 steps, writes $TMPDIR/sparsesync-bench/trace.pt
+    python bench/trace.py --out DIR            # writes DIR/trace.pt (bench/codec.py trace --trace DIR/trace.pt)
+    python bench/trace.py --layers 1 --hidden 64 --steps 3 --out /tmp/t.pt    # a path ending in .pt: that file
+
+The default output is the scratch folder that ``bench/codec.py trace`` reads by default, so the two commands work
+in a row without options. The default trace is about 550 MiB (9 bf16 snapshots of 32M parameters).
 
 Library use::
 
@@ -25,7 +29,7 @@ Data is a seeded synthetic language (a fixed sparse random bigram Markov chain o
 actually decreases; everything is seeded and computed in fp32 on CPU, so a run is reproducible for a given torch
 version and thread count.
 
-Measured on 2 CPU cores, torch 2.13 (default run, ~30 s in all): 32.0M params, ~0.86 s/step, 0.35-0.45% of bf16
+Measured on 2 CPU cores, torch 2.13 (default run, 30-40 s in all): 32.0M params, 0.86-1.2 s/step, 0.35-0.45% of bf16
 elements change per lr-step (slowly decreasing over the 8 steps), ~91% of them by +-1 ulp, ~3.7% by +-2, ~3% by more
 (near-zero weights, whose ulp is tiny).  The density is explained exactly by
 ``sum_i min(1, lr * |m_hat_i / sqrt(v_hat_i)| / ulp_bf16(w_i)) / N`` -- the fp32 master sits uniformly inside its
@@ -61,8 +65,6 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_OUT = os.path.join("bench", "out", "trace.pt")
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
@@ -70,6 +72,9 @@ DEFAULT_OUT = os.path.join("bench", "out", "trace.pt")
 
 
 from sparsesync.models import LlamaModel, ModelConfig, SyntheticLanguage, bf16_snapshot  # noqa: E402
+from sparsesync.netbench import SCRATCH  # noqa: E402
+
+DEFAULT_OUT = str(SCRATCH / "trace.pt")      # where bench/codec.py looks for it by default
 
 
 def _group(name: str) -> str:
@@ -324,22 +329,26 @@ def load_trace(path: str) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="lr-steps after the step-0 snapshot")
-    ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--warmup-lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--layers", type=int, default=ModelConfig.num_layers)
-    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden_size)
+    ap.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the traced steps")
+    ap.add_argument("--warmup-steps", type=int, default=20, help="steps at --warmup-lr before the first snapshot")
+    ap.add_argument("--warmup-lr", type=float, default=1e-3, help="learning rate of the warm-up")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--layers", type=int, default=ModelConfig.num_layers, help="transformer layers")
+    ap.add_argument("--hidden", type=int, default=ModelConfig.hidden_size, help="hidden size")
     ap.add_argument("--intermediate", type=int, default=None, help="default: Llama rule from --hidden")
     ap.add_argument("--heads", type=int, default=None, help="default: hidden // 64")
     ap.add_argument("--kv-heads", type=int, default=None, help="default: heads // 2")
-    ap.add_argument("--vocab", type=int, default=ModelConfig.vocab_size)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=ModelConfig.vocab_size, help="vocabulary size")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model, the data and the language")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--out", metavar="DIR", default=os.path.dirname(DEFAULT_OUT),
+                    help="write DIR/trace.pt (bench/codec.py trace reads the default one); a path ending in .pt "
+                         "names the file itself")
     a = ap.parse_args(argv)
+    if not a.out.endswith(".pt"):
+        a.out = os.path.join(a.out, "trace.pt")
     if a.threads:
         torch.set_num_threads(a.threads)
 

@@ -154,7 +154,8 @@ SS_INLINE uint8_t* varint_put(uint8_t* p, uint64_t v) {
   *p++ = (uint8_t)v;
   return p;
 }
-// Reads a varint from [*pos, len). Returns false on truncation, > 10 bytes or value >= 2^63.
+// Reads a canonical varint from [*pos, len). Returns false on truncation, > 10 bytes, value >= 2^63 or a
+// non-canonical encoding (a multi-byte varint ending in a zero byte, e.g. 0x80 0x00 for 0).
 SS_INLINE bool varint_get(const uint8_t* buf, uint64_t len, uint64_t* pos, uint64_t* out) {
   uint64_t v = 0;
   uint64_t p = *pos;
@@ -165,6 +166,7 @@ SS_INLINE bool varint_get(const uint8_t* buf, uint64_t len, uint64_t* pos, uint6
     if (i == 9 && part > 0) return false;  // would be >= 2^63
     v |= part << (7 * i);
     if (!(b & 0x80)) {
+      if (b == 0 && i > 0) return false;   // redundant zero group: not the one canonical encoding
       *pos = p;
       *out = v;
       return true;

@@ -1,10 +1,18 @@
-"""Encoder, Update and Decoder: weights at version v as a compact, self-checking update against version v-1."""
+"""Encoder, Update and Decoder: weights at version v as a compact, self-checking update against version v-1.
+
+Every refusal is a :class:`~sparsesync.errors.SparseSyncError` (bad arguments are :class:`InvalidArgument` /
+:class:`InvalidType`, which are also ``ValueError`` / ``TypeError``), and a refusal changes nothing: neither the
+decoder's tensors and version nor the encoder's snapshot and version. Decisions are logged at DEBUG on the
+``"sparsesync"`` logger (dense fallbacks, full updates, digests); a rollback that was allowed is logged at WARNING.
+"""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Union
 
 import numpy as np
 import torch
@@ -12,19 +20,34 @@ import torch
 from . import config
 from .digest import layout_digest, state_digest
 from .dtypes import BY_NAME, byte_view, check_tensor, compare_layouts, name_of, width
-from .errors import BaseMismatch, CorruptPayload, LayoutMismatch, SparseSyncError, VersionMismatch
+from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType, LayoutMismatch, RollbackRefused,
+                     SparseSyncError, VersionConflict, VersionMismatch)
 from .format import (VALUE_MODES, Header, Segment, build_freq, entropy_bits, header_hash, pack_bucket, pack_freq,
                      parse_bucket, rice_bits, unpack_freq, update_uid)
 from .kernels import impl
 from .reference import E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
 
+log = logging.getLogger("sparsesync")
+
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
+MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack ints in [0, 2^63)
+
+#: A state: a Mapping name -> tensor, or an iterable of (name, tensor) pairs.
+StateLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+#: What :meth:`Decoder.apply` takes: an Update, one bucket, or an iterable of buckets in order.
+UpdateLike = Union["Update", bytes, bytearray, memoryview, Iterable]
 
 
 @dataclass
 class UpdateStats:
-    """What an update costs. ``bytes_per_changed`` counts every wire byte (headers included) per changed element."""
+    """What an update costs.
+
+    ``tensors`` / ``tensors_changed`` / ``dense_tensors``: tensors in the state / with at least one changed element /
+    sent dense (whole or in part). ``elements`` / ``changed``: elements in the state / changed. ``dense_bytes``: the
+    state's size; ``wire_bytes``: every byte of every bucket (headers included), ``header_bytes`` of which are
+    framing and headers; ``buckets``: their number; ``encode_seconds``: time spent encoding.
+    """
     tensors: int = 0
     tensors_changed: int = 0
     dense_tensors: int = 0
@@ -38,25 +61,36 @@ class UpdateStats:
 
     @property
     def density(self) -> float:
+        """Changed elements / all elements (0.0 for an empty state)."""
         return self.changed / self.elements if self.elements else 0.0
 
     @property
     def bytes_per_changed(self) -> float:
+        """Wire bytes per changed element; ``inf`` when bytes were sent but nothing changed (``str()`` prints "n/a")."""
         return self.wire_bytes / self.changed if self.changed else math.inf if self.wire_bytes else 0.0
 
     @property
     def compression(self) -> float:
+        """Dense bytes / wire bytes; ``inf`` before any byte is sent (``str()`` prints "n/a" when not meaningful)."""
         return self.dense_bytes / self.wire_bytes if self.wire_bytes else math.inf
 
     def as_dict(self) -> dict:
+        """The fields and the derived figures (density, bytes_per_changed, compression) as a dict."""
         d = asdict(self)
         d.update(density=self.density, bytes_per_changed=self.bytes_per_changed, compression=self.compression)
         return d
 
     def __str__(self) -> str:
-        return (f"{self.changed}/{self.elements} changed ({100 * self.density:.3f}%) in {self.tensors_changed}/"
-                f"{self.tensors} tensors, {self.wire_bytes} wire bytes in {self.buckets} bucket(s) "
-                f"({self.bytes_per_changed:.3f} B/changed, {self.compression:.1f}x vs dense {self.dense_bytes} B)")
+        if self.changed:
+            what = (f"{self.changed}/{self.elements} changed ({100 * self.density:.3f}%) in {self.tensors_changed}/"
+                    f"{self.tensors} tensors")
+            per = f"{self.bytes_per_changed:.3f} B/changed"
+        else:
+            what = f"no element changed ({self.elements} elements in {self.tensors} tensors)"
+            per = "n/a B/changed"
+        ratio = f"{self.compression:.1f}x" if self.dense_bytes and self.wire_bytes else "n/a"
+        return f"{what}, {self.wire_bytes} wire bytes in {self.buckets} bucket(s) ({per}, {ratio} vs dense " \
+               f"{self.dense_bytes} B)"
 
 
 @dataclass
@@ -82,14 +116,18 @@ class _SegPlan:
 
 
 class Update:
-    """One update: ``buckets`` (list of bytes), ``stats``, ``base_version``, ``version``, ``uid``, ``values``,
-    ``count`` (number of buckets; None until the last bucket has been made).
+    """One update from ``base_version`` (None for a full update) to ``version``.
+
+    Attributes: ``uid`` (16-byte update id, FORMAT.md §5), ``values`` (``"delta"`` or ``"raw"``), ``count`` (number of
+    buckets; None until the last bucket has been made), ``stats`` (:class:`UpdateStats`), ``digest`` (the state digest
+    of ``version`` when the encoder computed one, once the last bucket has been made).
 
     Buckets are produced lazily by :meth:`iter_buckets` when the update was made with ``Encoder.encode(...,
     stream=True)``; otherwise they are all made at ``encode`` time.
     """
 
-    def __init__(self, base_version, version, uid, values, count, stats, gen):
+    def __init__(self, base_version: int | None, version: int, uid: bytes, values: str, count: int | None,
+                 stats: UpdateStats, gen: Iterator[bytes] | None):
         self.base_version = base_version
         self.version = version
         self.uid = uid
@@ -101,7 +139,13 @@ class Update:
         self._buckets: list[bytes] = []
 
     @property
+    def kind(self) -> str:
+        """``"full"`` (no base: applies at any version) or ``"delta"``."""
+        return "full" if self.base_version is None else "delta"
+
+    @property
     def complete(self) -> bool:
+        """True once every bucket has been made."""
         return self._gen is None
 
     def iter_buckets(self) -> Iterator[bytes]:
@@ -117,11 +161,13 @@ class Update:
             yield b
 
     def finish(self) -> None:
+        """Make every remaining bucket now."""
         for _ in self.iter_buckets():
             pass
 
     @property
     def buckets(self) -> list[bytes]:
+        """Every bucket, in order (made now if the update is streamed and unfinished)."""
         self.finish()
         return self._buckets
 
@@ -129,40 +175,83 @@ class Update:
         return f"Update(base={self.base_version}, version={self.version}, buckets={self.count}, {self.stats})"
 
 
+def _as_items(state) -> Iterator[tuple[str, object]]:
+    """(name, value) pairs of a Mapping or an iterable of pairs; refuses anything else and non-str names."""
+    if isinstance(state, Mapping):
+        items = state.items()
+    else:
+        if isinstance(state, (str, bytes, bytearray, memoryview)):
+            raise InvalidType(f"a state is a Mapping of name -> tensor or an iterable of (name, tensor) pairs, "
+                              f"got a {type(state).__name__}")
+        try:
+            items = iter(state)
+        except TypeError:
+            raise InvalidType(f"a state is a Mapping of name -> tensor or an iterable of (name, tensor) pairs, "
+                              f"got a {type(state).__name__}") from None
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            if isinstance(item, list) and len(item) == 2:
+                item = tuple(item)
+            else:
+                raise InvalidType(f"a state's entries are (name, tensor) pairs, got {_short(item)}")
+        name, t = item
+        if not isinstance(name, str):
+            raise InvalidType(f"tensor names must be str, got {name!r} ({type(name).__name__})")
+        yield name, t
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _prepare(name: str, t) -> torch.Tensor:
     check_tensor(name, t)
+    if t.layout != torch.strided or t.device.type == "meta":
+        raise InvalidArgument(f"tensor {name!r} is a {t.layout} tensor on {t.device}; sparsesync reads dense tensors "
+                              "with data")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     return t.contiguous()
 
 
-def _as_items(state) -> Iterable[tuple[str, torch.Tensor]]:
-    if isinstance(state, Mapping):
-        return state.items()
-    return state
+def _collect(state, what: str) -> list[tuple[str, torch.Tensor]]:
+    """Validated (name, contiguous CPU tensor) pairs of a state; duplicate names are refused."""
+    items, seen = [], set()
+    for name, t in _as_items(state):
+        if name in seen:
+            raise InvalidArgument(f"duplicate tensor name {name!r} in {what}")
+        seen.add(name)
+        items.append((name, _prepare(name, t)))
+    return items
 
 
 class Encoder:
     """Turns successive states into updates against the state receivers hold.
 
     ``base``: the state receivers already hold (copied; ``None`` = the first update is a full one).
+    ``base_version``: its version (default 0 when ``base`` is given).
     ``values``: ``"delta"`` (difference of bit patterns, default) or ``"raw"`` (new bit patterns).
-    ``bucket_bytes``: target body size of one bucket (default ``SPARSESYNC_BUCKET_BYTES``, 32 MiB).
+    ``bucket_bytes``: target body size of one bucket (default ``SPARSESYNC_BUCKET_BYTES``, 32 MiB; at least 4096).
     ``digest``: put the state digest of each new state in the last bucket so receivers can prove equality.
+
+    A version identifies bytes: each :meth:`encode` needs a version above the encoder's current one
+    (:attr:`version`), otherwise :class:`VersionConflict`. :meth:`same_as_snapshot` tells whether a state is
+    bit-identical to the last encoded one (so that pushing it again can be skipped).
     """
 
-    def __init__(self, base=None, base_version: int | None = None, *, values: str = "delta",
+    def __init__(self, base: StateLike | None = None, base_version: int | None = None, *, values: str = "delta",
                  bucket_bytes: int | None = None, digest: bool = False):
         if values not in VALUE_MODES:
-            raise ValueError(f"values must be 'delta' or 'raw', got {values!r}")
+            raise InvalidArgument(f"values must be 'delta' or 'raw', got {_short(values)}")
         bucket_bytes = config.get_int("SPARSESYNC_BUCKET_BYTES") if bucket_bytes is None else bucket_bytes
-        if not isinstance(bucket_bytes, int) or bucket_bytes < 4096:
-            raise ValueError(f"bucket_bytes must be an int >= 4096, got {bucket_bytes!r}")
+        if type(bucket_bytes) is not int or bucket_bytes < 4096:
+            raise InvalidArgument(f"bucket_bytes must be an int >= 4096, got {_short(bucket_bytes)}")
         self.values = values
         self.mode = VALUE_MODES[values]
         self.bucket_bytes = bucket_bytes
-        self.want_digest = digest
+        self.want_digest = bool(digest)
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.layout: list | None = None
         self.version: int | None = None
@@ -172,20 +261,50 @@ class Encoder:
             if base_version is None:
                 base_version = 0
             self._check_version(base_version)
-            self.snapshot = {}
-            for name, t in _as_items(base):
-                if name in self.snapshot:
-                    raise ValueError(f"duplicate tensor name {name!r} in base")
-                self.snapshot[name] = _prepare(name, t).clone()
-            self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in self.snapshot.items()]
+            snapshot = {name: t.clone() for name, t in _collect(base, "base")}
+            self.snapshot = snapshot
+            self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in snapshot.items()]
             self.version = base_version
         elif base_version is not None:
-            raise ValueError("base_version given without base")
+            raise InvalidArgument(f"base_version={_short(base_version)} given without base")
 
     @staticmethod
     def _check_version(v) -> None:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"version must be a non-negative int, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
+            raise InvalidArgument(f"version must be an int in [0, 2^63), got {_short(v)}")
+
+    def same_as_snapshot(self, state: StateLike) -> bool:
+        """True when ``state`` has exactly the encoder's snapshot: the same names, dtypes and shapes and the same
+        bytes in every tensor (compared as bytes, so -0.0 differs from 0.0 and NaNs compare by payload).
+
+        False when the encoder has no snapshot yet (no base, nothing encoded). An unfinished streamed update is
+        finished first (its buckets are kept for its consumer), because the snapshot is final only then. Costs one
+        pass over the bytes (memcmp speed) and stops at the first difference; nothing is copied for contiguous CPU
+        tensors. Bad states (non-tensors, duplicate names) are refused like in :meth:`encode`.
+        """
+        if self.snapshot is None:
+            return False
+        if self._pending is not None and not self._pending.complete:
+            self._pending.finish()
+        snap = self.snapshot
+        seen: set[str] = set()
+        pairs = []
+        for name, t in _as_items(state):
+            check_tensor(name, t)
+            if name in seen:
+                raise InvalidArgument(f"duplicate tensor name {name!r} in state")
+            seen.add(name)
+            mine = snap.get(name)
+            if mine is None or t.dtype != mine.dtype or tuple(t.shape) != tuple(mine.shape):
+                return False
+            pairs.append((name, t, mine))
+        if len(pairs) != len(snap):
+            return False
+        for name, t, mine in pairs:
+            if not torch.equal(byte_view(_prepare(name, t)), byte_view(mine)):
+                return False
+        return True
+
 
     # -- planning ---------------------------------------------------------------------------------------------------
     def _plan_tensor(self, name: str, new: torch.Tensor, full: bool, stats: UpdateStats) -> _TensorPlan | None:
@@ -210,6 +329,8 @@ class Encoder:
         chunk_counts = padded.reshape(-1, per_block).sum(1)
         est = total * bits / 8 + np.count_nonzero(chunk_counts) * 9 + len(chunk_counts)
         if est >= n * w:
+            log.debug("tensor %r: %d of %d elements changed (%.3f%%), sparse estimate %d B >= dense %d B: sent dense",
+                      name, total, n, 100 * density, int(est), n * w)
             return _TensorPlan(name, new, w, "d")
         return _TensorPlan(name, new, w, "s", log2c, build_freq(hist), chunk_counts, bits / 8)
 
@@ -262,36 +383,37 @@ class Encoder:
         yield cur, True
 
     # -- encoding ---------------------------------------------------------------------------------------------------
-    def encode(self, state, version: int, *, stream: bool = False) -> Update:
+    def encode(self, state: StateLike, version: int, *, stream: bool = False) -> Update:
         """Encode ``state`` (Mapping or iterable of (name, tensor)) as version ``version``.
 
-        The state must have the encoder's layout (names, dtypes, shapes). With ``stream=True`` the buckets are made
-        as they are consumed (``update.iter_buckets()``) and the tensors in ``state`` must not change meanwhile; the
-        next ``encode`` finishes an unfinished stream first.
+        ``version`` must be above the encoder's current version (a version identifies bytes): an equal or lower one
+        raises :class:`VersionConflict` naming both. The state must have the encoder's layout (names, dtypes,
+        shapes; :class:`LayoutMismatch` otherwise). Any refusal leaves the encoder as it was. With ``stream=True``
+        the buckets are made as they are consumed (``update.iter_buckets()``) and the tensors in ``state`` must not
+        change meanwhile; the next ``encode`` finishes an unfinished stream first.
         """
         self._check_version(version)
-        if self._pending is not None and not self._pending.complete:
-            self._pending.finish()
-        t0 = time.perf_counter()
+        if self.version is not None and version <= self.version:
+            if version == self.version:
+                raise VersionConflict(f"version {version} was already encoded (the encoder is at version "
+                                      f"{self.version}); a version identifies bytes: use a new, higher version")
+            raise VersionConflict(f"version {version} is older than the encoder's version {self.version}; a version "
+                                  f"identifies bytes and versions must increase: use a version above {self.version}")
         full = self.snapshot is None
-        items = []
-        seen = set()
-        for name, t in _as_items(state):
-            if not isinstance(name, str):
-                raise TypeError(f"tensor names must be str, got {name!r}")
-            if name in seen:
-                raise ValueError(f"duplicate tensor name {name!r} in state")
-            seen.add(name)
-            items.append((name, _prepare(name, t)))
+        items = _collect(state, "state")
         layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]
-        if full:
-            self.layout = layout
-            self.snapshot = {}
-        else:
+        if not full:
             compare_layouts(self.layout, layout)
             if [n for n, *_ in layout] != [n for n, *_ in self.layout]:
                 order = {n: i for i, (n, *_) in enumerate(self.layout)}
                 items.sort(key=lambda kv: order[kv[0]])
+        # nothing was changed so far; from here on the update is made
+        if self._pending is not None and not self._pending.complete:
+            self._pending.finish()
+        t0 = time.perf_counter()
+        if full:
+            self.layout = layout
+            self.snapshot = {}
         stats = UpdateStats(tensors=len(items))
         for name, t in items:
             stats.elements += t.numel()
@@ -299,6 +421,12 @@ class Encoder:
             if full:
                 self.snapshot[name] = t.clone() if self._copy_full else t
                 stats.changed += t.numel()
+        if full:
+            log.debug("encoding version %d as a full update: %d tensors, %d bytes, every tensor dense%s", version,
+                      len(items), stats.dense_bytes, ", with state digest" if self.want_digest else "")
+        else:
+            log.debug("encoding version %d as a delta against version %d (%s values, %d tensors)", version,
+                      self.version, self.values, len(items))
 
         def plans():      # scanned lazily, tensor by tensor, as buckets are produced
             for name, t in items:
@@ -325,14 +453,19 @@ class Encoder:
         dense_len = (sp.end - sp.start) * tp.w
         shape, dt = tuple(tp.new.shape), name_of(tp.new.dtype)
         if tp.kind == "s":
-            table, data, vhash, nch = impl().encode(byte_view(old), new_b, tp.w, self.mode, tp.log2c, sp.c0, sp.c1,
-                                                    tp.freq, update_old=True, nchanged_hint=sp.nchanged)
+            try:
+                table, data, vhash, nch = impl().encode(byte_view(old), new_b, tp.w, self.mode, tp.log2c, sp.c0,
+                                                        sp.c1, tp.freq, update_old=True, nchanged_hint=sp.nchanged)
+            except KernelError as exc:      # a symbol the plan did not count: the tensor changed meanwhile
+                raise SparseSyncError(f"tensor {tp.name!r} changed between planning and encoding ({exc})") from None
             if nch != sp.nchanged:
                 raise SparseSyncError(f"tensor {tp.name!r} changed between planning and encoding")
             if len(table) + len(data) < dense_len:
                 return Segment(tp.name, dt, shape, "s", sp.start, sp.end, tp.log2c, len(table), 0,
                                len(table) + len(data), pack_freq(tp.freq), vhash, nch), [table, data]
             # sparse turned out larger than dense: send this range dense (the snapshot already holds the new values)
+            log.debug("tensor %r elements [%d, %d): sparse coding took %d B, dense %d B: sent dense", tp.name,
+                      sp.start, sp.end, len(table) + len(data), dense_len)
         elif old is not tp.new:
             byte_view(old)[sp.start * tp.w: sp.end * tp.w].copy_(new_b[sp.start * tp.w: sp.end * tp.w])
         raw = new_b[sp.start * tp.w: sp.end * tp.w].numpy()
@@ -358,9 +491,12 @@ class Encoder:
                     dense_names.add(sp.tp.name)
             body = b"".join(bytes(p) if not isinstance(p, (bytes, bytearray)) else p for p in parts)
             if last and self.want_digest:
+                t2 = time.perf_counter()
                 update.digest = state_digest(self.snapshot)
+                log.debug("state digest of version %d computed in %.3f s: %s", update.version,
+                          time.perf_counter() - t2, update.digest)
             header = Header(uid=update.uid, base=update.base_version, ver=update.version, vals=self.values, idx=i,
-                            cnt=i + 1 if last else 0, layout=ldig, ntensors=len(self.layout),
+                            cnt=i + 1 if last else 0, layout=ldig, ntensors=len(self.layout), dig=self.want_digest,
                             digest=update.digest if last else None, body_len=len(body),
                             body_hash=impl().tree64(body), prev=prev, segs=tuple(segs))
             bucket = pack_bucket(header, body)
@@ -378,12 +514,16 @@ class Encoder:
                 return
 
 
-def full_update(state, version: int, *, bucket_bytes: int | None = None, stream: bool = True) -> Update:
+def full_update(state: StateLike, version: int, *, bucket_bytes: int | None = None, stream: bool = True,
+                digest: bool = False) -> Update:
     """A full update of ``state`` made straight from its tensors (no copy): for catching up receivers and relays.
 
-    With ``stream=True`` (default) buckets are made as they are consumed; ``state`` must not change meanwhile.
+    A full update applies at any receiver version at or below ``version`` (a receiver above it refuses it as a
+    rollback unless it allows rollbacks). ``digest=True`` puts the state digest in the last bucket, and receivers
+    verify it, exactly as for delta updates of ``Encoder(digest=True)``. With ``stream=True`` (default) buckets are
+    made as they are consumed; ``state`` must not change meanwhile.
     """
-    enc = Encoder(bucket_bytes=bucket_bytes)
+    enc = Encoder(bucket_bytes=bucket_bytes, digest=digest)
     enc._copy_full = False
     return enc.encode(state, version, stream=stream)
 
@@ -392,6 +532,14 @@ def full_update(state, version: int, *, bucket_bytes: int | None = None, stream:
 
 @dataclass
 class ApplyStats:
+    """What applying one update did.
+
+    ``base_version``: the update's base (None for a full update); ``version``: the version reached;
+    ``previous_version``: the decoder's version before (a full update may keep it or, when allowed, lower it);
+    ``kind``: ``"delta"`` or ``"full"``; ``buckets`` / ``wire_bytes``: what was received; ``changed``: elements
+    written; ``decode_seconds`` / ``apply_seconds``: time spent verifying and staging / writing; ``digest_verified``:
+    the state digest was recomputed and matched the encoder's.
+    """
     base_version: int | None
     version: int
     buckets: int
@@ -400,20 +548,29 @@ class ApplyStats:
     decode_seconds: float
     apply_seconds: float
     digest_verified: bool = False
+    kind: str = "delta"
+    previous_version: int | None = None
 
 
 @dataclass
 class _Pending:
     header: Header
     last_hash: int
+    previous_version: int
     next_idx: int = 1
     staged: list = field(default_factory=list)     # (tensor_name, kind, start, end, payload)
-    ranges: dict = field(default_factory=dict)     # name -> list of (start, end)
+    ends: dict = field(default_factory=dict)       # name -> end of the tensor's last segment so far
+    arena_used: list = field(default_factory=list)  # per bucket: (index count, value bytes) staged in the arena
     wire_bytes: int = 0
     changed: int = 0
     decode_seconds: float = 0.0
     digest: str | None = None
     count: int = 0
+
+
+# an arena entry larger than this many times (plus the slack) what the last successful update staged at its index is
+# freed after every update, successful or not
+_ARENA_GROWTH, _ARENA_SLACK = 2, 1 << 16
 
 
 class Decoder:
@@ -423,20 +580,32 @@ class Decoder:
     ``verify_digest`` (default True): when an update carries the encoder's state digest (``Encoder(digest=True)``),
     recompute the digest after applying; on a mismatch the change is rolled back and :class:`BaseMismatch` is raised.
     Updates without a digest cost nothing extra.
+    ``allow_rollback`` (default False): a full update to a version below the decoder's is refused with
+    :class:`RollbackRefused` unless this is True (it is then applied and logged at WARNING). A full update to the
+    version the decoder holds is always accepted (it re-installs those bytes).
+
+    A delta update whose ``ver`` is not above its ``base`` is malformed (:class:`CorruptPayload`, whatever
+    ``allow_rollback`` says). Any refusal (a :class:`SparseSyncError`) leaves the tensors and the version exactly as
+    they were.
     """
 
-    def __init__(self, state, version: int = 0, *, verify_digest: bool = True):
+    def __init__(self, state: StateLike, version: int = 0, *, verify_digest: bool = True,
+                 allow_rollback: bool = False):
         Encoder._check_version(version)
-        self.state: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name, t in _as_items(state):
             check_tensor(name, t)
+            if t.layout != torch.strided:
+                raise InvalidArgument(f"tensor {name!r} is a {t.layout} tensor; this Decoder updates dense tensors")
             if t.device.type != "cpu":
-                raise ValueError(f"tensor {name!r} is on {t.device}; this Decoder applies to CPU tensors")
+                raise InvalidArgument(f"tensor {name!r} is on {t.device}; this Decoder applies to CPU tensors")
             if not t.is_contiguous():
-                raise ValueError(f"tensor {name!r} is not contiguous; it cannot be updated in place")
-            if name in self.state:
-                raise ValueError(f"duplicate tensor name {name!r}")
-            self.state[name] = t
+                raise InvalidArgument(f"tensor {name!r} (shape {list(t.shape)}, strides {list(t.stride())}) is not "
+                                      "contiguous; it cannot be updated in place")
+            if name in tensors:
+                raise InvalidArgument(f"duplicate tensor name {name!r}")
+            tensors[name] = t
+        self.state: dict[str, torch.Tensor] = tensors
         self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in self.state.items()]
         self.layout_digest = layout_digest(self.layout)
         # names sharing storage (tied weights): their deltas must not be added twice, so they take the path that
@@ -447,10 +616,14 @@ class Decoder:
         self._aliased = {n for names in owners.values() if len(names) > 1 for n in names}
         self.version = version
         self.verify_digest = verify_digest
+        self.allow_rollback = allow_rollback
         self._pending: _Pending | None = None
         self.last_stats: ApplyStats | None = None
-        # staging buffers reused across updates (per bucket index): no fresh allocations in the steady state
-        self._arena: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # staging buffers reused across updates (per bucket index): no fresh allocations in the steady state. Bounded:
+        # after every update only the entries of the last successful update remain, each at most _ARENA_GROWTH times
+        # what that update staged there (``_arena_keep``: its (count, bytes) per bucket; a tuple, only ever replaced)
+        self._arena: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        self._arena_keep: tuple[tuple[int, int], ...] = ()
 
     @property
     def pending(self) -> bool:
@@ -459,12 +632,29 @@ class Decoder:
 
     def abort(self) -> None:
         """Discard a partly received update (the state was never touched)."""
-        self._pending = None
+        self._discard()
 
-    def apply(self, update) -> ApplyStats:
+    def _discard(self) -> None:
+        self._pending = None
+        self._trim_arena()
+
+    def _trim_arena(self) -> None:
+        keep = self._arena_keep
+        arena = self._arena
+        del arena[len(keep):]
+        for i, entry in enumerate(arena):
+            if entry is None:
+                continue
+            count, nbytes = keep[i]
+            if (count == 0 and nbytes == 0) or entry[0].numel() > _ARENA_GROWTH * count + _ARENA_SLACK // 8 or \
+                    entry[1].numel() > _ARENA_GROWTH * nbytes + _ARENA_SLACK:
+                arena[i] = None
+
+    def apply(self, update: UpdateLike) -> ApplyStats:
         """Apply a whole update: an :class:`Update`, one bucket, or an iterable of buckets (in order).
 
-        The tensors change only after every bucket verified and no bucket follows the last one.
+        The tensors change only after every bucket verified and no bucket follows the last one. Returns the
+        :class:`ApplyStats`; raises a :class:`SparseSyncError` (and changes nothing) on any problem.
         """
         if self._pending is not None:
             raise SparseSyncError("a partly received update is pending; call abort() first")
@@ -474,7 +664,11 @@ class Decoder:
             buckets = [update]
         else:
             buckets = update
-        it = iter(buckets)
+        try:
+            it = iter(buckets)
+        except TypeError:
+            raise InvalidType(f"an update is an Update, a bucket or an iterable of buckets, got a "
+                              f"{type(update).__name__}") from None
         try:
             for b in it:
                 if self._stage(b, owned=False):
@@ -485,15 +679,15 @@ class Decoder:
                     return self.last_stats
             raise CorruptPayload("update truncated: the last bucket never arrived")
         finally:
-            self._pending = None
+            self._discard()
 
-    def stage(self, bucket, *, owned: bool = False) -> bool:
+    def stage(self, bucket: bytes | bytearray | memoryview, *, owned: bool = False) -> bool:
         """Verify and stage one bucket without touching the tensors; True when the update is complete and verified,
         ready for :meth:`commit`. On error the partial update is discarded and the error raised."""
         try:
             return self._stage(bucket, owned)
         except BaseException:
-            self._pending = None
+            self._discard()
             raise
 
     def commit(self) -> ApplyStats:
@@ -504,10 +698,10 @@ class Decoder:
         try:
             self._commit(p, p.digest)
         finally:
-            self._pending = None
+            self._discard()
         return self.last_stats
 
-    def feed(self, bucket, *, owned: bool = False) -> bool:
+    def feed(self, bucket: bytes | bytearray | memoryview, *, owned: bool = False) -> bool:
         """Stage one bucket; returns True when it completed (and applied) an update. On error nothing changes.
 
         ``owned=True`` promises that the caller will not modify ``bucket`` until the update is applied (its dense
@@ -518,37 +712,84 @@ class Decoder:
                 return False
             p = self._pending
             self._commit(p, p.digest)
+            self._discard()
             return True
         except BaseException:
-            self._pending = None
+            self._discard()
             raise
 
-    def _staging(self, i: int, count: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _staging(self, p: _Pending, i: int, count: int, nbytes: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
         """Per-bucket staging (indices, values or differences, new values), reused across updates."""
-        while len(self._arena) <= i:
-            self._arena.append((torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8),
-                                torch.empty(0, dtype=torch.uint8)))
-        idx, val, new = self._arena[i]
-        if idx.numel() < count:
+        p.arena_used.append((count, nbytes))
+        if count == 0 and nbytes == 0:          # nothing sparse in this bucket: no arena entry at all
+            return (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8),
+                    torch.empty(0, dtype=torch.uint8))
+        arena = self._arena
+        if len(arena) <= i:
+            arena.extend([None] * (i + 1 - len(arena)))
+        entry = arena[i]
+        idx, val, new = entry if entry is not None else (None, None, None)
+        if idx is None or idx.numel() < count:
             idx = torch.empty(count, dtype=torch.int64)
-        if val.numel() < nbytes:
+        if val is None or val.numel() < nbytes:
             val, new = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-        self._arena[i] = (idx, val, new)
+        arena[i] = (idx, val, new)
         return idx, val, new
 
     def _check_layout(self, header: Header) -> None:
+        """LayoutMismatch naming the first differing tensor when the first bucket shows it, else saying precisely
+        what was compared (the first bucket's tensors) and the tensor counts of both sides."""
+        counts = f"the update's layout has {header.ntensors} tensors, this decoder holds {len(self.state)}"
         if header.layout == self.layout_digest:
+            if header.ntensors != len(self.state):
+                raise LayoutMismatch(f"the update's header says {header.ntensors} tensors, but its layout digest is "
+                                     f"that of this decoder's {len(self.state)} tensors (malformed header)")
             return
-        theirs = {s.name: (s.dtype, s.shape) for s in header.segs}
-        for name, (dt, shape) in theirs.items():
-            mine = self.state.get(name)
+        seen: list[str] = []
+        seen_set: set[str] = set()
+        for s in header.segs:
+            if s.name in seen_set:
+                continue
+            seen.append(s.name)
+            seen_set.add(s.name)
+            mine = self.state.get(s.name)
             if mine is None:
-                raise LayoutMismatch(f"update has tensor {name!r}, which this decoder does not hold")
-            if name_of(mine.dtype) != dt or tuple(mine.shape) != shape:
-                raise LayoutMismatch(f"tensor {name!r}: update has {dt}{list(shape)}, decoder holds "
-                                     f"{name_of(mine.dtype)}{list(mine.shape)}")
-        raise LayoutMismatch(f"tensor sets differ: the update's layout has {header.ntensors} tensors, this decoder "
-                             f"holds {len(self.state)}")
+                raise LayoutMismatch(f"the update has tensor {s.name!r} {s.dtype}{list(s.shape)}, which this decoder "
+                                     f"does not hold; {counts}")
+            if name_of(mine.dtype) != s.dtype or tuple(mine.shape) != s.shape:
+                raise LayoutMismatch(f"tensor {s.name!r}: the update has {s.dtype}{list(s.shape)}, this decoder "
+                                     f"holds {name_of(mine.dtype)}{list(mine.shape)}; {counts}")
+        hint = ""
+        if header.base is None and seen:
+            # a full update carries every non-empty tensor, in the sender's order, each one whole before the next
+            mine_nonempty = [n for n, t in self.state.items() if t.numel()]
+            desc = lambda n: f"{n!r} {name_of(self.state[n].dtype)}{list(self.state[n].shape)}"  # noqa: E731
+            if header.cnt:
+                lacking = [n for n in mine_nonempty if n not in seen_set]
+                if lacking:
+                    more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+                    raise LayoutMismatch(f"this decoder holds tensor {desc(lacking[0])}{more}, which the update (a "
+                                         f"full update in one bucket) does not carry; {counts}")
+            else:
+                pos = {n: i for i, n in enumerate(mine_nonempty)}
+                prev = -1
+                for k, n in enumerate(seen):
+                    i = pos[n]
+                    if i < prev:
+                        break                           # the two sides list their tensors in different orders
+                    if i > prev + 1:
+                        skipped = mine_nonempty[prev + 1:i]
+                        where = f"before {n!r}" if k == 0 else f"between {seen[k - 1]!r} and {n!r}"
+                        hint = (f"; this decoder holds {desc(skipped[0])}{' and others' if len(skipped) > 1 else ''} "
+                                f"{where}, which the update's first bucket carries back to back: if both sides list "
+                                "their tensors in the same order, the update lacks it")
+                        break
+                    prev = i
+        names = ", ".join(repr(n) for n in seen[:5]) + (" ..." if len(seen) > 5 else "")
+        raise LayoutMismatch(f"tensor sets differ: every tensor in the update's first bucket ({names or 'none'}) "
+                             f"matches this decoder, the difference lies in tensors it does not carry; {counts}"
+                             f"{hint}")
 
     def _stage(self, bucket, owned: bool) -> bool:
         """Verify and stage one bucket; True when the update is complete and verified (not yet committed)."""
@@ -563,14 +804,19 @@ class Decoder:
             if update_uid(header.layout, header.base, header.ver, header.vals) != header.uid:
                 raise CorruptPayload("update id does not match the update's layout and versions")
             self._check_layout(header)
-            if header.base is not None and header.base != self.version:
+            if header.base is None:
+                if header.ver < self.version and not self.allow_rollback:
+                    raise RollbackRefused(f"a full update to version {header.ver} would move this decoder back from "
+                                          f"version {self.version}; refused (Decoder(..., allow_rollback=True) "
+                                          "accepts rollbacks)")
+            elif header.base != self.version:
                 raise VersionMismatch(f"update goes from version {header.base} to {header.ver}, decoder is at "
                                       f"version {self.version}")
-            p = _Pending(header, hhash)
+            p = _Pending(header, hhash, self.version)
         else:
             h0 = p.header
-            if (header.uid, header.base, header.ver, header.vals, header.layout) != \
-                    (h0.uid, h0.base, h0.ver, h0.vals, h0.layout):
+            if (header.uid, header.base, header.ver, header.vals, header.layout, header.ntensors, header.dig) != \
+                    (h0.uid, h0.base, h0.ver, h0.vals, h0.layout, h0.ntensors, h0.dig):
                 raise CorruptPayload("bucket belongs to another update (foreign bucket)")
             if header.idx != p.next_idx:
                 raise CorruptPayload(f"expected bucket {p.next_idx}, got {header.idx} (reordered or duplicated)")
@@ -579,19 +825,22 @@ class Decoder:
             p.next_idx += 1
             p.last_hash = hhash
         mode = VALUE_MODES[header.vals]
-        # 1. every segment against the receiver's tensors, before anything is allocated from header numbers
+        # 1. every segment against the receiver's tensors, before anything is allocated from header numbers. The
+        # segments of a tensor ascend through the update (FORMAT.md §2), so one end per tensor proves no overlap.
+        ends = p.ends
         for seg in header.segs:
             t = self.state.get(seg.name)
             if t is None or name_of(t.dtype) != seg.dtype or tuple(t.shape) != seg.shape:
                 raise CorruptPayload(f"segment names tensor {seg.name!r} {seg.dtype}{list(seg.shape)}, which is not "
                                      "in the layout its header claims")
-            for a, b in p.ranges.setdefault(seg.name, []):
-                if seg.start < b and a < seg.end:
-                    raise CorruptPayload(f"segments overlap in tensor {seg.name!r}")
-            p.ranges[seg.name].append((seg.start, seg.end))
+            last = ends.get(seg.name, 0)
+            if seg.start < last:
+                raise CorruptPayload(f"segments overlap or are out of order in tensor {seg.name!r}: [{seg.start}, "
+                                     f"{seg.end}) after a segment ending at {last} (a tensor's segments ascend)")
+            ends[seg.name] = seg.end
         # 2. staging (bounded by the receiver's own tensor sizes now), values 8-byte aligned per segment
         sparse = [(seg, width(BY_NAME[seg.dtype])) for seg in header.segs if seg.kind == "s"]
-        arena_idx, arena_val, arena_new = self._staging(header.idx, sum(sg.nchanged for sg, _ in sparse),
+        arena_idx, arena_val, arena_new = self._staging(p, header.idx, sum(sg.nchanged for sg, _ in sparse),
                                                         sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
         # delta mode decodes the differences only; they are added (and the values hash checked) at commit, touching
         # every changed element of the tensor once
@@ -682,12 +931,27 @@ class Decoder:
                     undo.append((name, "s", idx, dst.view(-1, w)[idx].reshape(-1).clone() if w > 1 else
                                  dst[idx].clone()))
                 impl().scatter(dst, w, idx, vals)
-        if verify and state_digest(self.state) != digest:
-            rollback()
-            raise BaseMismatch(f"after applying version {p.header.ver} the state digest differs from the encoder's; "
-                               "the update was rolled back")
+        if verify:
+            t1 = time.perf_counter()
+            got = state_digest(self.state)
+            if got != digest:
+                rollback()
+                raise BaseMismatch(f"after applying version {p.header.ver} the state digest differs from the "
+                                   f"encoder's ({got[:16]}... != {digest[:16]}...); the update was rolled back")
+            log.debug("state digest of version %d verified in %.3f s", p.header.ver, time.perf_counter() - t1)
         h0 = p.header
+        previous = self.version
+        kind = "full" if h0.base is None else "delta"
         self.version = h0.ver
         self._pending = None
-        self.last_stats = ApplyStats(h0.base, h0.ver, p.count, p.wire_bytes, p.changed, p.decode_seconds,
-                                     time.perf_counter() - t0, verify)
+        self._arena_keep = tuple(p.arena_used)
+        self.last_stats = ApplyStats(base_version=h0.base, version=h0.ver, buckets=p.count, wire_bytes=p.wire_bytes,
+                                     changed=p.changed, decode_seconds=p.decode_seconds,
+                                     apply_seconds=time.perf_counter() - t0, digest_verified=verify, kind=kind,
+                                     previous_version=previous)
+        if kind == "full":
+            if h0.ver < previous:
+                log.warning("full update rolled this decoder back from version %d to version %d (allow_rollback)",
+                            previous, h0.ver)
+            log.debug("applied a full update to version %d (was at version %d): %d bucket(s), %d bytes%s", h0.ver,
+                      previous, p.count, p.wire_bytes, ", digest verified" if verify else "")

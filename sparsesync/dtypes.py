@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LayoutMismatch
+from .errors import InvalidType, LayoutMismatch
 
 _NAMES = ["bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "int16", "int32",
           "int64", "uint8", "bool"]
@@ -12,14 +12,17 @@ BY_NAME = {n: d for d, n in SUPPORTED.items()}
 
 
 def name_of(dtype: torch.dtype) -> str:
+    """The dtype's name in the wire format (``torch.bfloat16`` -> ``"bfloat16"``); :class:`InvalidType` if
+    unsupported."""
     try:
         return SUPPORTED[dtype]
-    except KeyError:
-        raise TypeError(f"sparsesync: unsupported dtype {dtype}; supported: {', '.join(SUPPORTED.values())}") \
+    except (KeyError, TypeError):
+        raise InvalidType(f"sparsesync: unsupported dtype {dtype}; supported: {', '.join(SUPPORTED.values())}") \
             from None
 
 
 def width(dtype: torch.dtype) -> int:
+    """Element width in bytes of a supported dtype."""
     name_of(dtype)
     return torch.empty(0, dtype=dtype).element_size()
 
@@ -33,8 +36,9 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_tensor(name: str, t) -> None:
+    """:class:`InvalidType` unless ``t`` is a torch.Tensor of a supported dtype."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"sparsesync: state entry {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        raise InvalidType(f"sparsesync: state entry {name!r} is a {type(t).__name__}, not a torch.Tensor")
     name_of(t.dtype)
 
 

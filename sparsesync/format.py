@@ -1,8 +1,13 @@
-"""Bucket framing, headers and symbol tables (docs/FORMAT.md §2-§5). Parsing validates everything before use."""
+"""Bucket framing, headers and symbol tables (docs/FORMAT.md §2-§5). Parsing validates everything before use.
+
+A bucket has exactly one valid encoding: :func:`parse_bucket` refuses any header that is not byte for byte what
+:func:`pack_bucket` makes of the values it parsed (key set and order, msgpack types and integer widths).
+"""
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -10,7 +15,7 @@ import msgpack
 import numpy as np
 
 from .dtypes import BY_NAME, width
-from .errors import CorruptPayload
+from .errors import CorruptPayload, InvalidArgument
 from .kernels import impl
 from .reference import SCALE, max_symbol, read_varint, KernelError
 
@@ -21,6 +26,10 @@ HEADER_SEED = 0x48445248
 MAX_HEADER = 64 << 20
 MAX_SEGMENTS = 1 << 20
 VALUE_MODES = {"delta": 0, "raw": 1}
+# the header keys, in the order every header lists them (FORMAT.md §2)
+HEADER_KEYS = ("v", "uid", "base", "ver", "vals", "idx", "cnt", "layout", "ntensors", "dig", "digest", "body_len",
+               "body_hash", "prev", "segs")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class Header:
     cnt: int
     layout: bytes
     ntensors: int
+    dig: bool              # the update carries a state digest (in its last bucket); the same in every bucket
     digest: str | None
     body_len: int
     body_hash: int
@@ -61,8 +71,9 @@ class Header:
     segs: tuple
 
     def as_map(self) -> dict:
+        """The header as the msgpack map of FORMAT.md §2, keys in the documented order (``HEADER_KEYS``)."""
         return {"v": FORMAT_VERSION, "uid": self.uid, "base": self.base, "ver": self.ver, "vals": self.vals,
-                "idx": self.idx, "cnt": self.cnt, "layout": self.layout, "ntensors": self.ntensors,
+                "idx": self.idx, "cnt": self.cnt, "layout": self.layout, "ntensors": self.ntensors, "dig": self.dig,
                 "digest": self.digest, "body_len": self.body_len, "body_hash": self.body_hash, "prev": self.prev,
                 "segs": [s.as_list() for s in self.segs]}
 
@@ -123,6 +134,8 @@ def unpack_freq(data: bytes, max_sym: int) -> np.ndarray:
 
 
 def _put_varint(out: bytearray, v: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+        raise InvalidArgument(f"a varint holds an int in [0, 2^63), got {v!r}")
     while v >= 0x80:
         out.append((v & 0x7F) | 0x80)
         v >>= 7
@@ -175,8 +188,14 @@ def header_hash(bucket) -> int:
     return PREAMBLE.unpack_from(bucket, 0)[2]
 
 
+def _r(v, limit: int = 60) -> str:
+    """repr of a (possibly huge, attacker-chosen) value, cut for error messages."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _ext_refused(code, data):
-    raise ValueError("msgpack extension types are not allowed")
+    raise CorruptPayload(f"msgpack extension type {code} is not allowed in a header")
 
 
 def _int(m, key, lo=0, hi=(1 << 63) - 1, nullable=False):
@@ -186,7 +205,7 @@ def _int(m, key, lo=0, hi=(1 << 63) - 1, nullable=False):
     if v is None and nullable:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise CorruptPayload(f"header field {key!r} = {v!r} is not an integer in [{lo}, {hi}]")
+        raise CorruptPayload(f"header field {key!r} = {_r(v)} is not an integer in [{lo}, {hi}]")
     return v
 
 
@@ -206,13 +225,13 @@ def _segment(raw, body_len: int, vals: str, expect_off: int) -> Segment:
         raise CorruptPayload("segment is not a 13-element array")
     name, dtype, shape, kind = raw[0], raw[1], raw[2], raw[3]
     if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in BY_NAME:
-        raise CorruptPayload(f"segment name/dtype invalid: {name!r} {dtype!r}")
+        raise CorruptPayload(f"segment name/dtype invalid: {_r(name)} {_r(dtype)}")
     if not isinstance(shape, list) or len(shape) > 64 or \
             not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < (1 << 62) for s in shape):
-        raise CorruptPayload(f"segment {name!r}: shape {shape!r} invalid")
+        raise CorruptPayload(f"segment {_r(name, 200)}: shape {_r(shape)} invalid")
     numel = math.prod(shape)
     if numel >= 1 << 62:
-        raise CorruptPayload(f"segment {name!r}: shape too large")
+        raise CorruptPayload(f"segment {_r(name, 200)}: shape too large")
     w = width(BY_NAME[dtype])
     start = _int(raw[4], "start", 0, numel)
     end = _int(raw[5], "end", start, numel)
@@ -222,30 +241,34 @@ def _segment(raw, body_len: int, vals: str, expect_off: int) -> Segment:
     length = _int(raw[9], "len", 0, body_len - off)
     freq, vhash = raw[10], raw[11]
     nchanged = _int(raw[12], "nchanged", 0, end - start)
+    if end == start:
+        raise CorruptPayload(f"segment {_r(name, 200)}: empty element range [{start}, {end})")
     if off != expect_off:
-        raise CorruptPayload(f"segment {name!r}: data at {off}, expected {expect_off} (gap or overlap)")
+        raise CorruptPayload(f"segment {_r(name, 200)}: data at {off}, expected {expect_off} (gap or overlap)")
     if not isinstance(freq, bytes):
-        raise CorruptPayload(f"segment {name!r}: freq is not bytes")
+        raise CorruptPayload(f"segment {_r(name, 200)}: freq is not bytes")
     if kind == "d":
         if length != (end - start) * w or log2c or table_len or freq or vhash is not None or nchanged != end - start:
-            raise CorruptPayload(f"dense segment {name!r}: fields inconsistent")
+            raise CorruptPayload(f"dense segment {_r(name, 200)}: fields inconsistent")
     elif kind == "s":
         if not 12 <= log2c <= 30:
-            raise CorruptPayload(f"sparse segment {name!r}: log2c {log2c} outside [12, 30]")
+            raise CorruptPayload(f"sparse segment {_r(name, 200)}: log2c {log2c} outside [12, 30]")
         C = 1 << log2c
-        if start % C or (end % C and end != numel) or end == start or table_len > length:
-            raise CorruptPayload(f"sparse segment {name!r}: range [{start}, {end}) not chunk aligned")
+        if start % C or (end % C and end != numel) or table_len > length:
+            raise CorruptPayload(f"sparse segment {_r(name, 200)}: range [{start}, {end}) not chunk aligned")
         if not isinstance(vhash, int) or isinstance(vhash, bool) or not 0 <= vhash < (1 << 64):
-            raise CorruptPayload(f"sparse segment {name!r}: values_hash invalid")
+            raise CorruptPayload(f"sparse segment {_r(name, 200)}: values_hash invalid")
         freq = bytes(freq)
         unpack_freq(freq, max_symbol(w, VALUE_MODES[vals]))
     else:
-        raise CorruptPayload(f"segment {name!r}: unknown kind {kind!r}")
+        raise CorruptPayload(f"segment {_r(name, 200)}: unknown kind {_r(kind)}")
     return Segment(name, dtype, tuple(shape), kind, start, end, log2c, table_len, off, length, freq, vhash, nchanged)
 
 
 def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
-    """Validate a bucket completely (framing, hashes, header schema, segment bounds); return header, its hash, body."""
+    """Validate a bucket completely (framing, hashes, header schema and canonical form, segment bounds); return the
+    header, its hash and the body. Everything that depends only on the bucket is checked here; what depends on the
+    receiver (layout, versions, chain) is checked by the decoder. Raises :class:`CorruptPayload`."""
     try:
         mv = memoryview(bucket).cast("B")
     except (TypeError, ValueError):
@@ -265,18 +288,43 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
     except Exception as exc:  # any malformed msgpack
         raise CorruptPayload(f"header is not valid msgpack: {exc}") from None
     if not isinstance(m, dict):
-        raise CorruptPayload("header is not a map")
-    if m.get("v") != FORMAT_VERSION:
-        raise CorruptPayload(f"unsupported format version {m.get('v')!r}")
+        raise CorruptPayload(f"header is a msgpack {type(m).__name__}, not a map")
+    if tuple(m) != HEADER_KEYS:
+        missing = [k for k in HEADER_KEYS if k not in m]
+        unknown = [k for k in m if k not in HEADER_KEYS]
+        raise CorruptPayload(f"header keys must be exactly {list(HEADER_KEYS)} in this order; missing {missing}, "
+                             f"unknown {_r(unknown[:5], 200)}, got {_r(list(m)[:20], 300)}")
+    v = m["v"]
+    if type(v) is not int or v != FORMAT_VERSION:
+        raise CorruptPayload(f"unsupported format version {_r(v)} (this decoder reads the integer "
+                             f"{FORMAT_VERSION})")
     uid = _typed(m, "uid", bytes)
     layout = _typed(m, "layout", bytes)
     vals = _typed(m, "vals", str)
     if len(uid) != 16 or len(layout) != 16 or vals not in VALUE_MODES:
-        raise CorruptPayload("uid/layout/vals invalid")
+        raise CorruptPayload(f"uid/layout/vals invalid: {len(uid)}-byte uid, {len(layout)}-byte layout, "
+                             f"vals {vals[:20]!r}")
     idx = _int(m, "idx", 0, 1 << 40)
     cnt = _int(m, "cnt", 0, 1 << 40)
     if cnt not in (0, idx + 1):
         raise CorruptPayload(f"bucket {idx} has count {cnt}: it must be 0 (more follow) or {idx + 1} (the last)")
+    base = _int(m, "base", 0, nullable=True)
+    ver = _int(m, "ver")
+    if base is not None and ver <= base:
+        raise CorruptPayload(f"a delta update goes from version {base} to version {ver}: versions must increase "
+                             "(a full update is the only way to a version at or below the receiver's)")
+    dig = m["dig"]
+    if type(dig) is not bool:
+        raise CorruptPayload(f"header field 'dig' = {_r(dig)} is not a bool")
+    digest = _typed(m, "digest", str, nullable=True)
+    if cnt and dig:
+        if digest is None or not _DIGEST_RE.fullmatch(digest):
+            raise CorruptPayload(f"the update says it carries a state digest, but its last bucket ({idx}) has "
+                                 f"digest {_r(digest, 80)}, not 64 lowercase hex digits (truncated or forged "
+                                 "update)")
+    elif digest is not None:
+        raise CorruptPayload(f"bucket {idx} carries a digest, but " +
+                             ("it is not the last bucket" if not cnt else "the update says it carries none"))
     body_len = _int(m, "body_len", 0, 1 << 62)
     body = mv[PREAMBLE.size + hlen:]
     if len(body) != body_len:
@@ -284,10 +332,13 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
     body_hash = _int(m, "body_hash", 0, (1 << 64) - 1)
     if impl().tree64(body) != body_hash:
         raise CorruptPayload("body checksum mismatch")
-    digest = _typed(m, "digest", str, nullable=True)
+    ntensors = _int(m, "ntensors")
+    prev = _int(m, "prev", 0, (1 << 64) - 1)
     segs_raw = _typed(m, "segs", list)
     if len(segs_raw) > MAX_SEGMENTS:
-        raise CorruptPayload("too many segments")
+        raise CorruptPayload(f"{len(segs_raw)} segments in one bucket (at most {MAX_SEGMENTS})")
+    if not segs_raw and not cnt:
+        raise CorruptPayload(f"bucket {idx} is empty but not the last: only the last bucket may have no segment")
     segs, off = [], 0
     for raw in segs_raw:
         seg = _segment(raw, body_len, vals, off)
@@ -295,7 +346,11 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
         segs.append(seg)
     if off != body_len:
         raise CorruptPayload(f"segments cover {off} of {body_len} body bytes")
-    header = Header(uid=uid, base=_int(m, "base", 0, nullable=True), ver=_int(m, "ver"), vals=vals, idx=idx, cnt=cnt,
-                    layout=layout, ntensors=_int(m, "ntensors"), digest=digest, body_len=body_len,
-                    body_hash=body_hash, prev=_int(m, "prev", 0, (1 << 64) - 1), segs=tuple(segs))
+    header = Header(uid=uid, base=base, ver=ver, vals=vals, idx=idx, cnt=cnt, layout=layout, ntensors=ntensors,
+                    dig=dig, digest=digest, body_len=body_len, body_hash=body_hash, prev=prev, segs=tuple(segs))
+    # one encoding only: the header must be exactly what the encoder packs for these values (key order, msgpack
+    # types, shortest integer/string/array formats); headers are small next to their bodies, so this costs little
+    if msgpack.packb(header.as_map(), use_bin_type=True) != hbytes:
+        raise CorruptPayload("header is not in canonical form (FORMAT.md §2: shortest msgpack encodings, documented "
+                             "types and key order)")
     return header, hhash, body

@@ -8,7 +8,9 @@ Real mode (``--peer HOST``): run ``sparsesync bench --serve`` on the receiving h
 For each link rate, over the same link, one sync of a synthetic bf16 model at a trace-like density is timed end to
 end (encode + wire + decode/apply, until the receiver acknowledges) for: dense bytes, dense + zstd, int32 index + raw
 value (SparseRL-Sync / vLLM sparse_nccl), and sparsesync. Every method's result on the receiver is checked against
-the sender's state digest. Output: a table, a JSON file and (with matplotlib installed) a PNG plot.
+the sender's state digest. Output: a table on stdout, and in ``--out DIR`` (default: a scratch folder,
+``$TMPDIR/sparsesync-bench``; committed results are only written with an explicit ``--out bench/results``) the same
+table as net.txt, net.json and (with matplotlib installed) net.png.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,21 +32,58 @@ METHODS = ["dense", "dense+zstd", "int32+raw", "sparsesync"]
 SUBNET = "10.213.77"
 BASE_PORT = 7400
 TOKEN_ENV = "SPARSESYNC_BENCH_TOKEN"
+# where benchmarks write unless told otherwise (bench/codec.py, bench/fanout.py and bench/trace.py use it too):
+# never into the committed bench/results/ without an explicit --out
+SCRATCH = Path(tempfile.gettempdir()) / "sparsesync-bench"
+
+
+class Tee:
+    """``with Tee(path):`` copies everything printed to stdout into ``path`` as well (the .txt of a result)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w")
+        self._stdout = sys.stdout
+        sys.stdout = self
+        return self
+
+    def write(self, s: str) -> int:
+        self._file.write(s)
+        return self._stdout.write(s)
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __exit__(self, *exc):
+        sys.stdout = self._stdout
+        self._file.close()
 
 
 def add_args(p) -> None:
     p.add_argument("--params", type=float, default=0.5e9, help="model size in bf16 parameters (default 0.5e9)")
     p.add_argument("--density", type=float, default=0.5, help="percent of elements changed per step (default 0.5)")
     p.add_argument("--rates", default="100mbit,1gbit,10gbit", help="emulated link rates, comma separated")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--tensor-elems", type=int, default=1 << 24, help="elements per synthetic tensor")
-    p.add_argument("--out", default="bench/results/net", help="output prefix (.json, .png)")
-    p.add_argument("--peer", help="real mode: receiving host running `sparsesync bench --serve`")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"methods to time, comma separated (default {','.join(METHODS)})")
+    p.add_argument("--tensor-elems", type=int, default=1 << 24,
+                   help="elements per synthetic tensor (default 16777216)")
+    p.add_argument("--out", metavar="DIR", default=str(SCRATCH),
+                   help=f"write net.txt, net.json and net.png into DIR (default {SCRATCH}; "
+                        "the committed results are bench/results)")
+    p.add_argument("--peer", metavar="HOST", help="real mode: receiving host running `sparsesync bench --serve`")
     p.add_argument("--serve", action="store_true", help="real mode: act as the receiving host")
-    p.add_argument("--listen", default="127.0.0.1", help="--serve: address to listen on")
-    p.add_argument("--port", type=int, default=BASE_PORT)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--streams", type=int, default=1, help="sparsesync: TCP connections per peer")
+    p.add_argument("--listen", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=BASE_PORT,
+                   help=f"TCP port of the sparsesync receiver; the baselines use PORT+1 (default {BASE_PORT})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic model and its update (default 0)")
+    p.add_argument("--streams", type=int, default=1, help="sparsesync: TCP connections per peer (default 1)")
     p.add_argument("--worker", choices=["send", "recv"], help=argparse_hidden())
     p.add_argument("--stop-server", action="store_true", help=argparse_hidden())
 
@@ -333,7 +373,8 @@ def _worker_cmd(args, role: str, extra: list[str]) -> list[str]:
 def run_emulated(args) -> list[dict]:
     why = emulation_available()
     if why:
-        raise SystemExit(f"sparsesync bench: link emulation unavailable: {why}")
+        from .cli import CLIError
+        raise CLIError(f"link emulation unavailable: {why} (or use --peer HOST with a real receiving host)")
     rows = []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent)] +
                                                       [p for p in [os.environ.get("PYTHONPATH")] if p]))
@@ -350,14 +391,18 @@ def run_emulated(args) -> list[dict]:
             try:
                 line = srv.stdout.readline()
                 if line.strip() != "ready":
-                    raise SystemExit(f"receiver did not start (said {line!r})")
+                    from .cli import CLIError
+                    raise CLIError(f"[{rate}] the receiving worker did not start (it said {line!r})")
                 env_a = dict(env, SPARSESYNC_BENCH_DEV=link.dev[0],
                              SPARSESYNC_BENCH_CPUS=",".join(map(str, split[0])))
                 out = subprocess.run(link.exec(0) + _worker_cmd(args, "send", ["--peer", link.addr[1],
                                                                                 "--stop-server"]),
                                      env=env_a, capture_output=True, text=True, timeout=3600)
                 if out.returncode != 0:
-                    raise SystemExit(f"sender failed:\n{out.stderr[-3000:]}")
+                    from .cli import CLIError
+                    sys.stderr.write(out.stderr[-3000:])
+                    raise CLIError(f"[{rate}] the sending worker failed with exit status {out.returncode} (its "
+                                   "stderr is above)")
                 for ln in out.stdout.splitlines():
                     if ln.startswith("{"):
                         row = json.loads(ln)
@@ -376,6 +421,13 @@ def run_emulated(args) -> list[dict]:
 
 
 def report(rows: list[dict], args) -> None:
+    out = Path(args.out)
+    with Tee(out / "net.txt"):
+        _report(rows, args, out)
+
+
+def _report(rows: list[dict], args, out: Path) -> None:
+    from .cli import format_ratio
     rates = list(dict.fromkeys(r["rate"] for r in rows))
     print(f"\nsparsesync bench: {args.params / 1e9:.2f}B bf16 params, {args.density}% changed, one sync, end to end "
           "(encode + wire + apply, bit-exact digest checked); each emulated host pinned to its own half of the "
@@ -387,10 +439,12 @@ def report(rows: list[dict], args) -> None:
         by = {r["method"]: r for r in rows if r["rate"] == rate}
         cells = [f"{by[m]['seconds']:.3f}" + ("" if by[m]["exact"] else " (NOT EXACT)") if m in by else "-"
                  for m in METHODS]
-        sp = by["dense"]["seconds"] / by["sparsesync"]["seconds"] if "dense" in by and "sparsesync" in by else 0
-        lb = by["int32+raw"]["link_bytes"] / by["sparsesync"]["link_bytes"] \
-            if "int32+raw" in by and "sparsesync" in by and by["sparsesync"]["link_bytes"] else 0
-        print(f"| {rate} | {' | '.join(cells)} | {sp:.1f}x | {lb:.2f}x |")
+        # "-" where a baseline was not run (--methods) or a count is zero: never "0.0x" or "inf"
+        sp = format_ratio(by["dense"]["seconds"], by["sparsesync"]["seconds"], ".1f") \
+            if "dense" in by and "sparsesync" in by else "-"
+        lb = format_ratio(by["int32+raw"]["link_bytes"], by["sparsesync"]["link_bytes"], ".2f") \
+            if "int32+raw" in by and "sparsesync" in by else "-"
+        print(f"| {rate} | {' | '.join(cells)} | {sp} | {lb} |")
     print("\nsparsesync phases (each alone) and pipelining (end to end / slowest phase):")
     print("| link | encode s | wire s | decode+apply s | end to end s | ratio |")
     print("|---|---|---|---|---|---|")
@@ -398,11 +452,11 @@ def report(rows: list[dict], args) -> None:
         if r["method"] == "sparsesync" and "phase_encode_s" in r:
             print(f"| {r['rate']} | {r['phase_encode_s']:.3f} | {r['phase_wire_s']:.3f} | {r['phase_apply_s']:.3f} "
                   f"| {r['seconds']:.3f} | {r['pipelining_ratio']:.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
-                                                    "rows": rows}, indent=1))
-    print(f"wrote {out.with_suffix('.json')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "net.json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
+                                              "rows": rows}, indent=1))
+    print(f"wrote {out / 'net.txt'}")
+    print(f"wrote {out / 'net.json'}")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -423,8 +477,8 @@ def report(rows: list[dict], args) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"wrote {out.with_suffix('.png')}")
+    fig.savefig(out / "net.png", dpi=110)
+    print(f"wrote {out / 'net.png'}")
 
 
 def _pin_from_env() -> None:

@@ -230,6 +230,9 @@ def _varint(out: bytearray, v: int) -> None:
 
 
 def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    """FORMAT.md 3: one canonical unsigned LEB128 from ``buf[pos:end)`` -> (value, position after it). A multi-byte
+    varint whose last byte is 0 (a redundant zero group, e.g. 0x80 0x00 for 0) is refused, like a value >= 2^63 or a
+    read past ``end`` (KernelError E_TABLE, as ss_decode's SS_ETABLE)."""
     v = shift = 0
     for i in range(10):
         if pos >= end:
@@ -240,6 +243,8 @@ def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
         if not b & 0x80:
             if v >= 1 << 63:
                 raise KernelError(E_TABLE, "varint too large")
+            if b == 0 and i > 0:
+                raise KernelError(E_TABLE, "varint not in canonical form (redundant zero group)")
             return v, pos
         shift += 7
     raise KernelError(E_TABLE, "varint longer than 10 bytes")

@@ -7,22 +7,30 @@ or full) as bucket frames that the receiver stages as they arrive and commits al
 from __future__ import annotations
 
 import collections
+import copy
 import logging
+import math
 import os
-import socket
 import ssl as _ssl
-import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from . import backends, wire
-from .codec import Decoder, Encoder, Update, full_update
+from .codec import ApplyStats, Decoder, Encoder, Update, full_update
 from .digest import layout_digest, state_digest
-from .errors import CorruptPayload, SparseSyncError
+from .progress import Progress
+from .errors import (CorruptPayload, InvalidArgument, LayoutMismatch, PushFailed, SparseSyncError, VersionConflict,
+                     VersionMismatch)
 
 log = logging.getLogger("sparsesync")
 DEFAULT_SESSION_BUCKET = 256 << 10
+
+
+def _positive(name: str, v) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+        raise InvalidArgument(f"{name} must be a positive number of seconds, got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -33,22 +41,42 @@ class Receiver:
 
     ``listen``: ``tcp://HOST:PORT`` (default loopback ``tcp://127.0.0.1:7000``; port 0 picks a free port, see
     ``address``) or ``inproc://NAME``. Binding a wider address must be written out, e.g. ``tcp://0.0.0.0:7000``.
-    ``token``: shared secret; required unless ``allow_unauthenticated=True``.
+    ``token``: shared secret (at least 8 characters); required unless ``allow_unauthenticated=True``.
+    ``version``: the version ``state`` holds.
     ``on_update(version, apply_stats)``: called after every applied update (on the receiver thread).
     ``forward_to``: downstream peer addresses; every applied update is relayed to them (one upstream copy per
     cluster), with the same token unless ``forward_token`` is given.
+    ``allow_rollback``: accept updates that move this receiver to a lower version (default: refused with
+    :class:`~sparsesync.errors.RollbackRefused`, unless the sender allows it for that push).
+    ``handshake_timeout``: the whole handshake of a new connection must finish within this many seconds.
+    ``max_handshakes``: connections still in their handshake at once; more are closed at once.
+    ``stall_timeout``: an update whose sender sends nothing for this many seconds is abandoned and its staging freed.
+    Several senders may stream updates at once; a stalled or slow one never blocks another (each update is staged
+    on its own, and only the commit is serialised).
+    ``idle_timeout``: a connected sender that sends nothing between updates for this long is disconnected.
     """
 
-    def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token=None, version: int = 0,
-                 on_update=None, ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = True,
-                 forward_to=None, forward_token=None, max_bucket: int = wire.DEFAULT_MAX_BUCKET,
-                 handshake_timeout: float = 10.0, idle_timeout: float = 300.0, nccl_device=None,
-                 allow_unauthenticated: bool = False):
+    MAX_STREAMS = 16
+    MAX_BUCKETS = 1 << 30
+
+    def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token: str | bytes | None = None,
+                 version: int = 0, on_update: Callable[[int, ApplyStats], None] | None = None,
+                 ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = True,
+                 forward_to: Sequence[str] | None = None, forward_token: str | bytes | None = None,
+                 max_bucket: int = wire.DEFAULT_MAX_BUCKET, handshake_timeout: float = 10.0,
+                 idle_timeout: float = 300.0, stall_timeout: float = 30.0, max_handshakes: int = 64,
+                 allow_rollback: bool = False, nccl_device=None, allow_unauthenticated: bool = False):
         self.token = wire.token_bytes(token)
         self.nccl_device = nccl_device          # CUDA device for NCCL payloads (senders with backend="nccl")
         if self.token is None and not allow_unauthenticated:
-            raise ValueError("Receiver needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+            raise InvalidArgument("Receiver needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+        for name, v in (("handshake_timeout", handshake_timeout), ("idle_timeout", idle_timeout),
+                        ("stall_timeout", stall_timeout)):
+            _positive(name, v)
+        if not isinstance(max_handshakes, int) or max_handshakes < 1:
+            raise InvalidArgument(f"max_handshakes must be an int >= 1, got {max_handshakes!r}")
         self.decoder = Decoder(state, version, verify_digest=verify_digest)
+        self.allow_rollback = bool(allow_rollback)
         self.listen = listen
         self.scheme, self.host, self.port = wire.parse_url(listen)
         self.on_update = on_update
@@ -56,29 +84,37 @@ class Receiver:
         self.max_bucket = max_bucket
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
-        self._lock = threading.Lock()          # one update at a time
+        self.stall_timeout = stall_timeout
+        self._handshakes = threading.BoundedSemaphore(max_handshakes)
+        self._lock = threading.Lock()          # commits (and reads of version/digest) are serialised
+        self._generation = 0                   # bumped by every commit: staged updates made before it are stale
         self._cond = threading.Condition()
-        self._digest_cache: tuple[int, str] | None = None
+        self._digest_cache: tuple[int, int, str] | None = None
         self._listener = None
         self._threads: list[threading.Thread] = []
         self._conns: set = set()
+        self._sessions: set = set()                                 # session ids of live primary connections
         self._streams: dict[bytes, dict[int, wire.Channel]] = {}   # session id -> parked secondary streams
-        self._streams_lock = threading.Lock()
+        self._streams_lock = threading.Condition()
         self._running = False
         self.errors: collections.deque = collections.deque(maxlen=32)
         self.updates_applied = 0
+        self.refused_connections = 0
         self._relay = None
         if forward_to:
             self._relay = Sender(forward_to, token=forward_token if forward_token is not None else token,
-                                 allow_unauthenticated=allow_unauthenticated, ssl_context=None)
+                                 allow_unauthenticated=allow_unauthenticated, ssl_context=None, quorum=0,
+                                 digest=True)
 
     # -- public ---------------------------------------------------------------------------------------------------------
     @property
     def version(self) -> int:
+        """The version the state holds now."""
         return self.decoder.version
 
     @property
     def state(self) -> dict:
+        """The tensors this receiver updates in place (name -> tensor)."""
         return self.decoder.state
 
     @property
@@ -89,9 +125,14 @@ class Receiver:
         return f"tcp://{self.host}:{self.port}"
 
     def start(self) -> "Receiver":
+        """Bind the listening address and serve on background threads. Raises ``OSError`` naming the address
+        when it cannot be bound (for example when it is in use)."""
         if self._running:
             return self
-        self._listener = backends.get(self.scheme).listen(self.host, self.port)
+        try:
+            self._listener = backends.get(self.scheme).listen(self.host, self.port)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self.address}: {exc.strerror or exc}") from None
         if self.scheme == "tcp":
             self.port = self._listener.port
         self._running = True
@@ -102,6 +143,7 @@ class Receiver:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening and close every connection (an update in flight is dropped; the state is untouched)."""
         self._running = False
         if self._listener is not None:
             self._listener.close()
@@ -125,15 +167,21 @@ class Receiver:
             return self._cond.wait_for(lambda: self.decoder.version >= version, timeout)
 
     def digest(self) -> str:
+        """``state_digest`` of the state now (cached per applied update)."""
         with self._lock:
             return self._digest_locked()
 
     # -- internals ------------------------------------------------------------------------------------------------------
     def _digest_locked(self) -> str:
-        v = self.decoder.version
-        if self._digest_cache is None or self._digest_cache[0] != v:
-            self._digest_cache = (v, state_digest(self.decoder.state))
-        return self._digest_cache[1]
+        key = (self.decoder.version, self._generation)
+        if self._digest_cache is None or self._digest_cache[:2] != key:
+            self._digest_cache = (*key, state_digest(self.decoder.state))
+        return self._digest_cache[2]
+
+    def _info(self) -> dict:
+        with self._lock:
+            return {"version": self.decoder.version, "digest": self._digest_locked(),
+                    "layout": self.decoder.layout_digest}
 
     def _accept_loop(self) -> None:
         while self._running:
@@ -145,70 +193,106 @@ class Receiver:
                 continue
             if sock is None:
                 continue
+            if not self._handshakes.acquire(blocking=False):    # too many connections still unauthenticated
+                self.refused_connections += 1
+                if self.refused_connections in (1, 10, 100) or self.refused_connections % 1000 == 0:
+                    log.warning("receiver %s: %d connection(s) refused: too many handshakes in progress",
+                                self.address, self.refused_connections)
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                continue
             t = threading.Thread(target=self._serve, args=(sock, peer), daemon=True)
             t.start()
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)
 
-    def _serve(self, sock, peer) -> None:
-        ch = None
+    def _handshake(self, sock, peer) -> tuple[wire.Channel, dict]:
+        """TLS (if any) and authentication, within ``handshake_timeout`` in all."""
         try:
+            sock.settimeout(self.handshake_timeout)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=True)
             ch = wire.Channel(sock, self.max_bucket, peer=str(peer))
             self._conns.add(ch)
-            with self._lock:
-                info = {"version": self.decoder.version, "digest": self._digest_locked(),
-                        "layout": self.decoder.layout_digest}
-            hello = wire.server_handshake(ch, self.token, info, self.handshake_timeout)
+            try:
+                hello = wire.server_handshake(ch, self.token, self._info, self.handshake_timeout)
+            except BaseException:
+                self._conns.discard(ch)
+                ch.close()
+                raise
+            return ch, hello
+        except BaseException:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            raise
+        finally:
+            self._handshakes.release()
+
+    def _serve(self, sock, peer) -> None:
+        ch = None
+        session = None
+        try:
+            ch, hello = self._handshake(sock, peer)
             ch.settimeout(self.idle_timeout)
             if self._park(ch, hello):
                 ch = None              # a secondary stream: read by its session's primary connection from now on
                 return
             session = hello.get("session") if isinstance(hello.get("session"), bytes) else None
-            group = None
+            if session is not None:
+                with self._streams_lock:
+                    self._sessions.add(session)
+                    self._streams_lock.notify_all()
+            group = stager = None
             try:
                 while self._running:
-                    ftype, data = ch.recv((wire.UPDATE, wire.BYE, wire.NCCL_INIT), wire.MAX_CONTROL)
+                    ftype, data = ch.recv((wire.UPDATE, wire.BYE, wire.NCCL_INIT, wire.LAYOUT_REQ), wire.MAX_CONTROL)
                     if ftype == wire.BYE:
                         break
+                    if ftype == wire.LAYOUT_REQ:
+                        ch.send(wire.LAYOUT, wire.pack_layout(self.decoder.layout))
+                        continue
                     if ftype == wire.NCCL_INIT:
                         if group is not None:
                             group.close()
                         group = self._join_nccl(ch, wire.unpack(data))
                         continue
-                    self._receive_update(ch, wire.unpack(data), group, session)
+                    stager = self._receive_update(ch, wire.unpack(data), group, session, stager)
             finally:
                 if group is not None:
                     group.close()
-                if session is not None:
-                    with self._streams_lock:
-                        parked = self._streams.pop(session, {})
-                    for sch in parked.values():
-                        self._conns.discard(sch)
-                        sch.close()
-        except (SparseSyncError, OSError, socket.timeout, _ssl.SSLError) as exc:
+        except (SparseSyncError, OSError, _ssl.SSLError) as exc:
             if self._running:
                 self.errors.append(f"{peer}: {exc}")
                 log.warning("receiver %s: connection from %s ended: %s", self.address, peer, exc)
         finally:
+            if session is not None:
+                with self._streams_lock:
+                    self._sessions.discard(session)
+                    parked = self._streams.pop(session, {})
+                for sch in parked.values():
+                    self._conns.discard(sch)
+                    sch.close()
             if ch is not None:
                 self._conns.discard(ch)
                 ch.close()
 
-    MAX_STREAMS = 16
-    MAX_SESSIONS = 256
-
     def _park(self, ch: wire.Channel, hello: dict) -> bool:
-        """A secondary stream (``attach``) is parked for the primary connection of its session to read from."""
+        """A secondary stream (``attach``) is parked for the primary connection of its session to read from. Its
+        session's primary connection must be live (streams of sessions that never start, or ended, are refused), and
+        it closes with that connection."""
         sid, j = hello.get("attach"), hello.get("stream")
         if sid is None:
             return False
         if not isinstance(sid, bytes) or len(sid) != 16 or not isinstance(j, int) or not 1 <= j < self.MAX_STREAMS:
             raise wire.ProtocolError("malformed stream attach")
         with self._streams_lock:
-            if sid not in self._streams and len(self._streams) >= self.MAX_SESSIONS:
-                raise wire.ProtocolError("too many parallel-stream sessions")
+            # the primary's thread registers its session right after its handshake: give it a moment
+            if not self._streams_lock.wait_for(lambda: sid in self._sessions, min(2.0, self.handshake_timeout)):
+                raise wire.ProtocolError("stream attaches to a session that has no live primary connection")
             old = self._streams.setdefault(sid, {}).get(j)
             self._streams[sid][j] = ch
         if old is not None:
@@ -227,8 +311,6 @@ class Receiver:
             chans = [ch] + [parked.get(j) for j in range(1, k)]
         if missing:
             raise wire.ProtocolError(f"UPDATE over {k} streams, but streams {missing} are not attached")
-        for c in chans[1:]:
-            c.settimeout(self.idle_timeout)
         return chans
 
     def _join_nccl(self, ch: wire.Channel, msg: dict):
@@ -239,98 +321,130 @@ class Receiver:
             if not isinstance(uid, bytes) or not isinstance(rank, int) or not isinstance(world, int):
                 raise wire.ProtocolError("malformed NCCL_INIT")
             device = self.nccl_device if self.nccl_device is not None else 0
-            group = nccl.NCCLGroup(uid, rank, world, device, max_bytes=self.max_bucket, timeout=self.idle_timeout)
+            group = nccl.NCCLGroup(uid, rank, world, device, max_bytes=self.max_bucket, timeout=self.stall_timeout)
         except SparseSyncError as exc:
             ch.send_msg(wire.NCCL_READY, {"ok": False, "error": str(exc)})
             return None
         ch.send_msg(wire.NCCL_READY, {"ok": True})
         return group
 
-    MAX_BUCKETS = 1 << 30
+    def _stager(self, old: Decoder | None) -> Decoder:
+        """A decoder of each connection's own over the same tensors (kept across its updates, so its staging buffers
+        are reused): updates from several senders are staged side by side, and only commits are serialised (under
+        ``_lock``). Called with the lock held."""
+        if old is None:
+            old = copy.copy(self.decoder)
+            old._arena, old._arena_keep = [], ()
+        old._pending = None
+        old.last_stats = None
+        old.version = self.decoder.version
+        return old
 
-    def _receive_update(self, ch: wire.Channel, msg: dict, group=None, session=None) -> None:
+    def _receive_update(self, ch: wire.Channel, msg: dict, group=None, session=None,
+                        stager: Decoder | None = None) -> Decoder:
         """Buckets follow the UPDATE frame until a DONE frame ({cnt}); with k streams bucket i (and then DONE) comes
-        on stream i mod k."""
+        on stream i mod k. Staged on a decoder of its own; committed under the lock if no other update was committed
+        meanwhile."""
         k = msg.get("streams", 1)
-        if not isinstance(k, int):
+        if not isinstance(k, int) or isinstance(k, bool):
             raise wire.ProtocolError(f"UPDATE with invalid stream count {k!r}")
         chans = self._stream_channels(ch, session, k)        # bucket i travels on stream i mod k
         via_nccl = msg.get("via") == "nccl"
         if via_nccl and group is None:
             raise wire.ProtocolError("UPDATE via NCCL without a communicator")
         discard = bool(msg.get("discard"))        # NCCL members that cannot apply this delta still take part
+        for c in chans:
+            c.settimeout(self.stall_timeout)      # an update that stalls this long is abandoned
         with self._lock:
-            err, done, buckets = None, False, []
-            t0 = time.perf_counter()
-            try:
-                i = 0
-                while True:
-                    if i >= self.MAX_BUCKETS:
-                        raise wire.ProtocolError("too many buckets in one update")
-                    if via_nccl:
-                        ftype, m = ch.recv_msg((wire.BUCKET_NCCL, wire.DONE))
-                        if ftype == wire.DONE:
-                            done_msg = m
-                            break
-                        size = m.get("size")
-                        if not isinstance(size, int) or not 0 < size <= self.max_bucket:
-                            raise wire.ProtocolError(f"NCCL bucket size {size!r} outside (0, {self.max_bucket}]")
-                        data = group.broadcast_bytes(None, size, root=0)
-                    else:
-                        src = chans[i % len(chans)]
-                        data = src.recv_bucket()
-                        if data is None:
-                            done_msg = src.done_msg
-                            break
-                    i += 1
-                    if discard:
-                        continue
-                    if self._relay is not None:
-                        buckets.append(data)
-                    if err is None:
-                        try:
-                            if done:       # a bucket after the final one: nothing is applied
-                                self.decoder.abort()
-                                raise CorruptPayload("more buckets than the update announced")
-                            done = self.decoder.stage(data, owned=True)
-                        except SparseSyncError as exc:
-                            err = exc
-                if done_msg.get("cnt") != i:
-                    raise wire.ProtocolError(f"DONE says {done_msg.get('cnt')!r} buckets, {i} arrived")
-                if err is None and done:
+            gen = self._generation
+            dec = self._stager(stager)
+        dec.allow_rollback = self.allow_rollback or msg.get("allow_rollback") is True
+        err, done, buckets = None, False, []
+        t0 = time.perf_counter()
+        try:
+            i = 0
+            while True:
+                if i >= self.MAX_BUCKETS:
+                    raise wire.ProtocolError("too many buckets in one update")
+                if via_nccl:
+                    ftype, m = ch.recv_msg((wire.BUCKET_NCCL, wire.DONE))
+                    if ftype == wire.DONE:
+                        done_msg = m
+                        break
+                    size = m.get("size")
+                    if not isinstance(size, int) or not 0 < size <= self.max_bucket:
+                        raise wire.ProtocolError(f"NCCL bucket size {size!r} outside (0, {self.max_bucket}]")
+                    data = group.broadcast_bytes(None, size, root=0)
+                else:
+                    src = chans[i % len(chans)]
+                    data = src.recv_bucket()
+                    if data is None:
+                        done_msg = src.done_msg
+                        break
+                i += 1
+                if discard:
+                    continue
+                if err is None:
                     try:
-                        self.decoder.commit()
+                        if done:       # a bucket after the final one: nothing is applied
+                            dec.abort()
+                            raise CorruptPayload("more buckets than the update announced")
+                        done = dec.stage(data, owned=True)
                     except SparseSyncError as exc:
                         err = exc
-            except BaseException:
-                self.decoder.abort()        # connection cut mid-update: the state was never touched
-                raise
-            if discard:
-                ch.send_msg(wire.ACK, {"version": self.decoder.version, "ok": True, "discarded": True})
-                return
-            if err is None and not done:
-                self.decoder.abort()
-                err = CorruptPayload("update ended before its last bucket")
+                        buckets = []
+                if self._relay is not None and err is None:
+                    buckets.append(data)
+            if done_msg.get("cnt") != i:
+                raise wire.ProtocolError(f"DONE says {done_msg.get('cnt')!r} buckets, {i} arrived")
+        except BaseException:
+            dec.abort()        # connection cut or stalled mid-update: the state was never touched
+            raise
+        finally:
+            for c in chans:
+                c.settimeout(self.idle_timeout)
+        if discard:
+            ch.send_msg(wire.ACK, {"version": self.decoder.version, "ok": True, "discarded": True})
+            return dec
+        if err is None and not done:
+            dec.abort()
+            err = CorruptPayload("update ended before its last bucket")
+        with self._lock:
+            if err is None:
+                if self._generation != gen:
+                    dec.abort()
+                    err = VersionMismatch(f"another update (now at version {self.decoder.version}) was applied "
+                                          "while this one was received; nothing was changed")
+                else:
+                    try:
+                        dec.commit()
+                    except SparseSyncError as exc:
+                        err = exc
+                    else:
+                        self.decoder.version = dec.version
+                        self.decoder.last_stats = dec.last_stats
+                        self._generation += 1
             ack = {"version": self.decoder.version, "ok": err is None, "seconds": time.perf_counter() - t0}
             if err is not None:
                 ack.update(error=str(err), error_type=type(err).__name__)
             else:
-                st = self.decoder.last_stats
+                st = dec.last_stats
                 ack.update(decode_s=st.decode_seconds, apply_s=st.apply_seconds, verified=st.digest_verified)
             ch.send_msg(wire.ACK, ack)
             if err is None:
                 self.updates_applied += 1
                 if self._relay is not None:
-                    h = self.decoder.last_stats
+                    h = dec.last_stats
                     self._relay.forward(buckets, h.base_version, h.version, self.decoder.state)
         if err is not None:
             self.errors.append(str(err))
             log.warning("receiver %s: update rejected: %s", self.address, err)
-            return
+            return dec
         with self._cond:
             self._cond.notify_all()
         if self.on_update is not None:
             self.on_update(self.decoder.version, self.decoder.last_stats)
+        return dec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,42 +452,75 @@ class Receiver:
 
 @dataclass
 class PeerResult:
+    """What one push did for one peer."""
     peer: str
     ok: bool
     version: int | None          # the version the peer holds now (None if unknown)
-    kind: str = "none"           # delta | chain | full | none
-    bytes: int = 0
+    kind: str = "none"           # delta | chain | full | none (nothing needed) | refused (not sent: see error)
+    bytes: int = 0               # bytes actually sent to this peer (a full update counts in full)
     wire_s: float = 0.0
     apply_s: float = 0.0
     attempts: int = 0
     digest_verified: bool = False
     error: str | None = None
+    previous_version: int | None = None   # the version the peer held before this push (None if unknown)
+    note: str | None = None      # why it got what it got, when that was not the delta (e.g. a full update)
 
 
 @dataclass
 class PushStats:
+    """The result of one push: the update (``changed``, ``wire_bytes`` for one copy of it, ``dense_bytes``) and one
+    :class:`PeerResult` per peer in ``peers``. ``ok`` is True when every peer holds ``version``; ``succeeded`` counts
+    those that do."""
     version: int
     encode_s: float
     total_s: float
     changed: int
-    wire_bytes: int              # one copy of the update
+    wire_bytes: int              # one copy of the update (the delta); per-peer bytes are in peers[i].bytes
     dense_bytes: int
     peers: list = field(default_factory=list)
+    kind: str = "delta"          # what was encoded: delta | full | repush (the same version again: nothing encoded)
 
     @property
     def ok(self) -> bool:
-        return all(p.ok for p in self.peers)
+        return all(p.ok and p.version == self.version for p in self.peers)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(1 for p in self.peers if p.ok and p.version == self.version)
+
+    @property
+    def full_peers(self) -> list:
+        """Peers that were sent a full update although a delta was encoded."""
+        return [p.peer for p in self.peers if p.kind == "full" and self.kind != "full"]
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes sent to all peers together."""
+        return sum(p.bytes for p in self.peers)
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["ok"] = self.ok
+        d.update(ok=self.ok, succeeded=self.succeeded, sent_bytes=self.sent_bytes)
         return d
 
     def __str__(self) -> str:
-        bad = [p for p in self.peers if not p.ok]
-        return (f"push v{self.version}: {self.changed} changed, {self.wire_bytes} B/peer, encode {self.encode_s:.3f}s, "
-                f"total {self.total_s:.3f}s, {len(self.peers) - len(bad)}/{len(self.peers)} peers ok"
+        bad = [p for p in self.peers if not (p.ok and p.version == self.version)]
+        kinds = collections.Counter(p.kind for p in self.peers if p.ok)
+        what = ("nothing changed" if self.kind != "repush" and self.changed == 0 else
+                "same version again" if self.kind == "repush" else f"{self.changed} changed")
+        return (f"push v{self.version} ({self.kind}): {what}, update {_size(self.wire_bytes)}, sent "
+                f"{_size(self.sent_bytes)} in all ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'})"
+                f", encode {self.encode_s:.3f}s, total {self.total_s:.3f}s, {len(self.peers) - len(bad)}/"
+                f"{len(self.peers)} peers at v{self.version}"
                 + "".join(f"; {p.peer}: {p.error}" for p in bad))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 class _Feed:
@@ -421,6 +568,8 @@ class _Peer:
         self.version: int | None = None
         self.digest: str | None = None
         self.verified = False           # digest checked against the sender's state at that version
+        self.layout: bytes | None = None  # the receiver's layout digest (WELCOME)
+        self.last_error: str | None = None
 
     def drop(self) -> None:
         for c in [self.ch] + self.extra:
@@ -432,60 +581,56 @@ class _Peer:
         self.verified = False
 
 
-class _Progress:
-    def __init__(self, enabled: bool, label: str, npeers: int):
-        self.enabled = enabled
-        self.label = label
-        self.npeers = npeers
-        self.sent = 0
-        self.done = 0
-        self._last = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int = 0, done: int = 0) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self.sent += nbytes
-            self.done += done
-            now = time.monotonic()
-            if done or now - self._last > 0.2:
-                self._last = now
-                sys.stderr.write(f"\r{self.label}: {self.sent / 2**20:9.1f} MiB sent, {self.done}/{self.npeers} "
-                                 "peers done ")
-                sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 class Sender:
     """Encodes each new state once and delivers it to every peer concurrently.
 
-    ``peers``: receiver addresses (``tcp://host:port`` or ``inproc://name``). ``token``: shared secret.
+    ``peers``: receiver addresses (``tcp://host:port`` or ``inproc://name``). ``token``: shared secret (8+ chars).
     ``base``/``base_version``: the state all receivers start from (otherwise the first push is a full update).
-    ``timeout``: the window (seconds) a push waits for a peer; slower peers are cut off, reported, and caught up at a
-    later push. ``retries``/``backoff``: reconnect attempts within that window. ``retain``: deltas kept to catch up
-    peers that are a few versions behind. ``progress``: show progress on a terminal (default: when stderr is a tty).
+    ``timeout``: the window (seconds) a push has, connecting included; peers not done by then are cut off, reported,
+    and caught up at a later push. ``retries``/``backoff``: reconnect attempts within that window.
+    ``quorum``: how many peers must hold the new version for a push to succeed (default 1; ``"all"`` = every peer;
+    0 = never raise); otherwise :class:`~sparsesync.errors.PushFailed` is raised, naming each failed peer and why.
+    ``retain``: deltas kept to catch up peers that are a few versions behind. ``progress``: progress on stderr
+    (default: redrawn on a terminal, periodic log lines otherwise).
     ``streams``: TCP connections per peer (buckets go round-robin; for long fat links whose per-flow rate is limited).
     ``bucket_bytes``: bucket size (default 256 KiB: encode, wire and apply overlap, and the last bucket is short).
-    ``compress``: zstd each bucket
-    frame (for slow links; it gains little on sparse deltas, ~1.3x on full bf16 updates).
+    ``compress``: zstd each bucket frame (for slow links; it gains little on sparse deltas, ~1.3x on full updates).
+    ``digest``: every update (delta, chain or full) carries the new state's digest and receivers verify it.
+    ``allow_rollback``: allow pushes that move a receiver to a lower version than it holds (default: refused).
+
+    Versions identify bytes: each push must use a higher version than the last, except that pushing the same
+    bytes again under the same version is allowed (it only brings peers that lack it up to date).
     """
 
-    def __init__(self, peers, *, token=None, backend: str = "tcp", base=None, base_version: int | None = None,
-                 values: str = "delta", bucket_bytes: int | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 5.0, retries: int = 3, backoff: float = 0.2, retain: int = 4,
+    def __init__(self, peers: str | Sequence[str], *, token: str | bytes | None = None, backend: str = "tcp",
+                 base: Mapping | None = None, base_version: int | None = None, values: str = "delta",
+                 bucket_bytes: int | None = None, timeout: float = 60.0, connect_timeout: float = 5.0,
+                 retries: int = 3, backoff: float = 0.2, retain: int = 4, quorum: int | str = 1,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
-                 compress: bool = False, streams: int = 1, nccl_device=None, allow_unauthenticated: bool = False):
+                 compress: bool = False, streams: int = 1, allow_rollback: bool = False, nccl_device=None,
+                 allow_unauthenticated: bool = False):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
         if self.token is None and not allow_unauthenticated:
-            raise ValueError("Sender needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+            raise InvalidArgument("Sender needs a token (or allow_unauthenticated=True for trusted loopback tests)")
         if backend not in backends.NAMES:
-            raise ValueError(f"unknown backend {backend!r}; choose from {sorted(backends.NAMES)}")
+            raise InvalidArgument(f"unknown backend {backend!r}; choose from {sorted(backends.NAMES)}")
+        for name, v in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            _positive(name, v)
+        for name, v in (("retries", retries), ("retain", retain)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidArgument(f"{name} must be an int >= 0, got {v!r}")
+        if not isinstance(backoff, (int, float)) or backoff < 0:
+            raise InvalidArgument(f"backoff must be a number of seconds >= 0, got {backoff!r}")
+        self.peers = [_Peer(p) for p in peers]
+        if len({p.url for p in self.peers}) != len(self.peers):
+            raise InvalidArgument(f"duplicate peer addresses in {list(peers)!r}")
+        if quorum != "all" and (not isinstance(quorum, int) or isinstance(quorum, bool) or
+                                not 0 <= quorum <= len(self.peers)):
+            raise InvalidArgument(f"quorum must be 'all' or an int in [0, {len(self.peers)}] (the number of peers), "
+                                  f"got {quorum!r}")
+        self.quorum = quorum
         self.backend = backend
         if backend == "nccl":
             from .nccl import NCCLBackend
@@ -493,75 +638,122 @@ class Sender:
         self.nccl_device = nccl_device
         self._group = None                    # NCCL communicator with the peers in self._group_members
         self._group_members: tuple = ()
-        self.peers = [_Peer(p) for p in peers]
-        if len({p.url for p in self.peers}) != len(self.peers):
-            raise ValueError("duplicate peer addresses")
         # small buckets by default so that encode, wire and apply overlap (pipelining)
         self.encoder = Encoder(base, base_version, values=values,
                                bucket_bytes=DEFAULT_SESSION_BUCKET if bucket_bytes is None else bucket_bytes,
                                digest=digest)
         self.compress = compress
         if not isinstance(streams, int) or not 1 <= streams <= Receiver.MAX_STREAMS:
-            raise ValueError(f"streams must be an int in [1, {Receiver.MAX_STREAMS}], got {streams!r}")
+            raise InvalidArgument(f"streams must be an int in [1, {Receiver.MAX_STREAMS}], got {streams!r}")
         self.streams = streams
         self.bucket_bytes = self.encoder.bucket_bytes
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.retries = retries
         self.backoff = backoff
-        self.retain: collections.deque = collections.deque(maxlen=max(0, retain))
+        self.allow_rollback = bool(allow_rollback)
+        self.retain: collections.deque = collections.deque(maxlen=retain)
         self.ssl_context = ssl_context
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = progress
         self._digests: dict[int, str] = {}
+        self._ldig: tuple | None = None
         self.history: list[PushStats] = []
 
     # -- public ---------------------------------------------------------------------------------------------------------
-    def push(self, state, version: int) -> PushStats:
-        """Encode ``state`` as ``version`` once and deliver it to every peer. Returns per-peer results."""
+    def push(self, state, version: int, *, allow_rollback: bool | None = None) -> PushStats:
+        """Encode ``state`` as ``version`` once and deliver it to every peer; returns per-peer results.
+
+        Raises :class:`~sparsesync.errors.VersionConflict` (nothing sent) when ``version`` is lower than the last
+        version pushed, or equal to it with other bytes; the same bytes under the same version only bring peers that
+        lack it up to date. Raises :class:`~sparsesync.errors.PushFailed` (with ``.stats``) when fewer than
+        ``quorum`` peers hold ``version`` afterwards. ``allow_rollback`` overrides the Sender's setting for this push.
+        """
+        Encoder._check_version(version)
+        rollback = self.allow_rollback if allow_rollback is None else bool(allow_rollback)
         t0 = time.perf_counter()
+        repush = False
+        if self.encoder.version is not None and version <= self.encoder.version:
+            if version < self.encoder.version:
+                raise VersionConflict(f"cannot push version {version}: version {self.encoder.version} was pushed "
+                                      "already, and versions must increase (a version identifies bytes)")
+            if not self.encoder.same_as_snapshot(state):
+                raise VersionConflict(f"version {version} was already pushed with other bytes; push the new bytes "
+                                      f"as a new version (> {version}); nothing was sent")
+            repush = True
         self.connect(t0 + self.timeout)
-        update = self.encoder.encode(state, version, stream=True)
-        feed = _Feed(update)
-        stats = self._deliver(feed, t0, self.encoder.snapshot)
-        if update.base_version is not None:
-            self.retain.append((update.base_version, update.version, feed.buckets))
-        self._digests = {v: d for v, d in self._digests.items() if v == version}
-        stats.encode_s = update.stats.encode_seconds
-        stats.changed = update.stats.changed
-        stats.dense_bytes = update.stats.dense_bytes
+        if repush:
+            last = self.retain[-1] if self.retain and self.retain[-1][1] == version else None
+            feed = _Feed(None, last[2] if last else [])
+            stats = self._deliver(feed, t0, self.encoder.snapshot, last[0] if last else None, version,
+                                  "delta" if last else "none", rollback)
+            stats.kind = "repush"
+        else:
+            update = self.encoder.encode(state, version, stream=True)
+            feed = _Feed(update)
+            stats = self._deliver(feed, t0, self.encoder.snapshot, update.base_version, version,
+                                  "full" if update.base_version is None else "delta", rollback)
+            if update.base_version is not None:
+                self.retain.append((update.base_version, update.version, feed.buckets))
+            if update.digest is not None:
+                self._digests[version] = update.digest
+            stats.encode_s = update.stats.encode_seconds
+            stats.changed = update.stats.changed
+            stats.dense_bytes = update.stats.dense_bytes
+            stats.kind = "full" if update.base_version is None else "delta"
+            if update.base_version is None:
+                log.info("push v%d is a full update (%s): the Sender has no base state", version,
+                         _size(stats.wire_bytes))
+        keep = {version} | {v for b, ver, _ in self.retain for v in (b, ver)}     # versions a peer can be caught up from
+        self._digests = {v: d for v, d in self._digests.items() if v in keep}
         self.history.append(stats)
-        log.info("%s", stats)
+        self._check_quorum(stats)
         return stats
 
     def connect(self, deadline: float | None = None) -> dict:
         """Connect and authenticate every peer not connected yet, and check the digest of peers that claim the
         sender's base version (a pass over the base state, once per new connection). ``push`` does this itself;
-        calling it first keeps session set-up out of the first push. Returns {peer: version or None}."""
+        calling it first keeps session set-up out of the first push. Returns {peer: version or None}; peers that
+        could not be reached are logged at WARNING with the reason (``last_errors`` holds them)."""
         self._connect_all(time.perf_counter() + self.timeout if deadline is None else deadline)
         base_version = self.encoder.version
-        if base_version is not None:
-            need = [p for p in self.peers if p.ch is not None and not p.verified and p.version == base_version]
-            if need:
+        for p in self.peers:
+            if p.ch is None or p.verified or p.version is None:
+                continue
+            if p.version == base_version:
                 d = self._digest_of(base_version, self.encoder.snapshot)
-                for p in need:
-                    p.verified = p.digest == d
-                    if not p.verified:
-                        log.warning("peer %s claims version %d but its digest differs: it gets a full update", p.url,
-                                    base_version)
+            elif p.version in self._digests:        # a version retained deltas lead on from
+                d = self._digests[p.version]
+            else:
+                continue
+            p.verified = p.digest == d
+            if not p.verified:
+                log.warning("peer %s claims version %d but its digest differs: it gets a full update", p.url,
+                            p.version)
+        for p in self.peers:
+            if p.ch is None:
+                log.warning("peer %s: not connected: %s", p.url, p.last_error or "connection window ended")
         return {p.url: p.version for p in self.peers}
+
+    @property
+    def last_errors(self) -> dict:
+        """{peer: the last connection error} for peers that are not connected."""
+        return {p.url: p.last_error for p in self.peers if p.ch is None and p.last_error}
 
     def forward(self, buckets: list, base: int | None, version: int, state) -> PushStats:
         """Relay an update received elsewhere (its buckets) to the peers; ``state`` is the relay's applied state."""
         t0 = time.perf_counter()
         self._connect_all(t0 + self.timeout)
         feed = _Feed(None, buckets)
-        stats = self._deliver(feed, t0, state, base=base, version=version)
+        stats = self._deliver(feed, t0, state, base, version, "full" if base is None else "delta", False)
         if base is not None:
             self.retain.append((base, version, list(buckets)))
         self.encoder.version = version
+        self.history.append(stats)
+        self._check_quorum(stats)
         return stats
 
     def close(self) -> None:
+        """Say goodbye to every peer and close the connections."""
         self._close_group()
         for p in self.peers:
             if p.ch is not None:
@@ -578,41 +770,78 @@ class Sender:
         self.close()
 
     # -- internals ------------------------------------------------------------------------------------------------------
+    def _check_quorum(self, stats: PushStats) -> None:
+        for r in stats.peers:
+            if not (r.ok and r.version == stats.version):
+                log.warning("push v%d: peer %s does not hold it: %s", stats.version, r.peer, r.error)
+        need = len(self.peers) if self.quorum == "all" else self.quorum
+        if stats.succeeded < need:
+            bad = [f"{r.peer}: {r.error}" for r in stats.peers if not (r.ok and r.version == stats.version)]
+            raise PushFailed(f"push of version {stats.version} reached {stats.succeeded} of {len(stats.peers)} "
+                             f"peer(s), {need} required (quorum): " + "; ".join(bad), stats)
+        log.info("%s", stats)
+
     def _digest_of(self, version: int, state) -> str:
         if version not in self._digests:
             self._digests[version] = state_digest(state)
         return self._digests[version]
 
-    def _open(self, p: _Peer, hello: dict) -> tuple[wire.Channel, dict]:
-        sock = backends.get(p.scheme).connect(p.host, p.port, self.connect_timeout)
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_hostname=p.host)
+    def _open(self, p: _Peer, hello: dict | None, timeout: float) -> tuple[wire.Channel, dict]:
+        sock = backends.get(p.scheme).connect(p.host, p.port, timeout)
+        try:
+            if self.ssl_context is not None:
+                sock.settimeout(timeout)
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=p.host)
+        except BaseException:
+            sock.close()
+            raise
         ch = wire.Channel(sock, peer=p.url)
         try:
-            return ch, wire.client_handshake(ch, self.token, self.connect_timeout, hello)
+            return ch, wire.client_handshake(ch, self.token, timeout, hello)
         except BaseException:
             ch.close()
             raise
 
-    def _connect(self, p: _Peer) -> None:
+    def _connect(self, p: _Peer, deadline: float) -> None:
+        def budget() -> float:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise wire.Timeout(f"{p.url}: the push window ended while connecting")
+            return min(self.connect_timeout, left)
         sid = os.urandom(16)
-        ch, info = self._open(p, {"session": sid} if self.streams > 1 else None)
+        ch, info = self._open(p, {"session": sid} if self.streams > 1 else None, budget())
         extra = []
         try:
             for j in range(1, self.streams):
-                extra.append(self._open(p, {"attach": sid, "stream": j})[0])
+                extra.append(self._open(p, {"attach": sid, "stream": j}, budget())[0])
+            v = info.get("version")
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise wire.ProtocolError(f"{p.url}: WELCOME without a version")
+            if self.encoder.layout is not None and info.get("layout") != self._layout_digest():
+                raise LayoutMismatch(f"{p.url}: " + self._layout_difference(ch, budget()))
         except BaseException:
             for c in [ch] + extra:
                 c.close()
             raise
-        v = info.get("version")
-        if not isinstance(v, int):
-            ch.close()
-            raise wire.ProtocolError(f"{p.url}: WELCOME without a version")
-        if self.encoder.layout is not None and info.get("layout") != layout_digest(self.encoder.layout):
-            ch.close()
-            raise SparseSyncError(f"{p.url}: receiver holds a different tensor layout")
         p.ch, p.extra, p.version, p.digest, p.verified = ch, extra, v, info.get("digest"), False
+        p.layout, p.last_error = info.get("layout"), None
+
+    def _layout_digest(self) -> bytes:
+        layout = self.encoder.layout
+        if self._ldig is None or self._ldig[0] is not layout:
+            self._ldig = (layout, layout_digest(layout))
+        return self._ldig[1]
+
+    def _layout_difference(self, ch: wire.Channel, timeout: float) -> str:
+        """Ask the receiver for its layout and name the first tensor that differs."""
+        try:
+            ch.settimeout(timeout)
+            ch.send(wire.LAYOUT_REQ)
+            _, data = ch.recv((wire.LAYOUT,))
+            theirs = wire.unpack_layout(data)
+        except SparseSyncError as exc:
+            return f"the receiver holds a different tensor layout (it could not send its layout: {exc})"
+        return layout_difference(self.encoder.layout, theirs)
 
     def _connect_all(self, deadline: float) -> None:
         todo = [p for p in self.peers if p.ch is None]
@@ -625,13 +854,16 @@ class Sender:
     def _try_connect(self, p: _Peer, deadline: float) -> str | None:
         err = None
         for attempt in range(self.retries + 1):
+            if time.perf_counter() >= deadline:
+                err = err or "the push window ended before a connection was made"
+                break
             try:
-                self._connect(p)
+                self._connect(p, deadline)
                 return None
-            except (OSError, SparseSyncError, socket.timeout) as exc:
-                err = str(exc)
-                if isinstance(exc, wire.AuthError):
-                    return err
+            except (OSError, SparseSyncError) as exc:
+                err = str(exc) or type(exc).__name__
+                if isinstance(exc, (wire.AuthError, LayoutMismatch, InvalidArgument)):   # retrying cannot help
+                    break
                 wait = self.backoff * (2 ** attempt)
                 if time.perf_counter() + wait >= deadline:
                     break
@@ -639,23 +871,44 @@ class Sender:
         p.last_error = err
         return err
 
-    def _plan(self, p: _Peer, base: int | None, version: int):
-        """What to send this peer: ('none'|'delta'|'chain'|'full', list of feeds-or-None)."""
-        if base is None:                      # the update itself is a full one: valid at any version
-            return "full", [None]
+    def _plan(self, p: _Peer, base: int | None, version: int, feed_kind: str, rollback: bool):
+        """What to send this peer: (kind, parts, note). kind is none|delta|chain|full|refused; parts are retained
+        bucket lists, None (the feed) or "full" (a full update made from the state); note says why, when it is
+        not the delta."""
         if p.version == version and p.verified:
-            return "none", []
-        if p.version == base and p.verified:
-            return "delta", [None]
-        if base is not None and p.version is not None and p.verified:
+            return "none", [], None
+        if p.version is not None and p.version > version:
+            if not rollback:
+                return "refused", [], (f"RollbackRefused: the peer holds version {p.version}, newer than {version}; "
+                                       "pass allow_rollback=True to move it back")
+            back = f"moving it back from version {p.version} (allow_rollback)"
+        else:
+            back = None
+        if feed_kind == "full":                  # the update itself is a full one: valid at any version
+            return "full", [None], back
+        if back is None and feed_kind == "delta" and p.version == base and p.verified:
+            return "delta", [None], None
+        if back is None and p.version is not None and p.verified:
             chain, v = [], p.version
             for b, ver, buckets in self.retain:
                 if b == v:
                     chain.append(buckets)
                     v = ver
-            if chain and v == base:
-                return "chain", chain + [None]
-        return "full", ["full"]
+                    if v == version:
+                        return "chain", chain, None
+            if chain and feed_kind == "delta" and v == base:
+                return "chain", chain + [None], None
+        if back is not None:
+            why = back
+        elif p.version is None:
+            why = "its version is unknown"
+        elif p.version == base and not p.verified:
+            why = f"it claims version {p.version} but its digest differs from the sender's state at that version"
+        elif feed_kind == "none":
+            why = f"it holds version {p.version} and no retained delta leads to {version}"
+        else:
+            why = f"it holds version {p.version}, not the base version {base}, and no retained delta chain fits"
+        return "full", ["full"], why
 
     # -- NCCL payload path -----------------------------------------------------------------------------------------
     def _close_group(self) -> None:
@@ -706,15 +959,18 @@ class Sender:
         self._group, self._group_members = box["group"], key
         return True
 
-    def _nccl_broadcast(self, feed: _Feed, members: list, base, version, results, prog) -> set:
+    def _nccl_broadcast(self, feed: _Feed, members: list, base, version, feed_kind, rollback, results,
+                        prog) -> set:
         """Broadcast the update's buckets to every member; returns the peers that applied it."""
         applied = set()
-        plans = {p.url: self._plan(p, base, version)[0] for p in members}
+        plans = {p.url: self._plan(p, base, version, feed_kind, rollback) for p in members}
         try:
             for p in members:
-                p.ch.send_msg(wire.UPDATE, {"via": "nccl",
-                                            "discard": plans[p.url] not in ("delta", "full")
-                                            or (plans[p.url] == "full" and base is not None)})
+                kind = plans[p.url][0]
+                results[p.url].previous_version = p.version
+                p.ch.send_msg(wire.UPDATE, {"via": "nccl", "allow_rollback": rollback,
+                                            "discard": kind not in ("delta", "full")
+                                            or (kind == "full" and feed_kind != "full")})
             cnt = 0
             for b in feed.iterate():
                 for p in members:
@@ -729,7 +985,7 @@ class Sender:
                 r = results[p.url]
                 if ack.get("discarded"):
                     continue
-                r.kind = plans[p.url]
+                r.kind, _, r.note = plans[p.url]
                 r.bytes += sum(len(b) for b in feed.buckets)
                 r.apply_s += float(ack.get("apply_s", 0.0)) + float(ack.get("decode_s", 0.0))
                 if ack.get("ok"):
@@ -747,27 +1003,26 @@ class Sender:
             return set()
         return applied
 
-    def _deliver(self, feed: _Feed, t0: float, state, base=None, version=None) -> PushStats:
-        if feed.update is not None:
-            base, version = feed.update.base_version, feed.update.version
+    def _deliver(self, feed: _Feed, t0: float, state, base, version, feed_kind: str, rollback: bool) -> PushStats:
         deadline = t0 + self.timeout
-        prog = _Progress(self.progress, f"push v{version}", len(self.peers))
-        results: dict[str, PeerResult] = {p.url: PeerResult(p.url, False, p.version) for p in self.peers}
+        prog = Progress(f"push v{version}", len(self.peers), enabled=self.progress)
+        results: dict[str, PeerResult] = {p.url: PeerResult(p.url, False, p.version, previous_version=p.version)
+                                          for p in self.peers}
         full_lock = threading.Lock()
         threads = []
         done_nccl: set = set()
-        if self.backend == "nccl":
+        if self.backend == "nccl" and feed_kind != "none":
             members = [p for p in self.peers if p.ch is not None]
             if self._ensure_group(members):
-                done_nccl = self._nccl_broadcast(feed, members, base, version, results, prog)
+                done_nccl = self._nccl_broadcast(feed, members, base, version, feed_kind, rollback, results, prog)
         for p in self.peers:
             r = results[p.url]
             if p.url in done_nccl:
                 prog.add(done=1)
                 threads.append(None)
                 continue
-            t = threading.Thread(target=self._serve_peer, args=(p, r, feed, state, base, version, deadline, prog,
-                                                                full_lock), daemon=True)
+            t = threading.Thread(target=self._serve_peer, args=(p, r, feed, state, base, version, feed_kind,
+                                                                rollback, deadline, prog, full_lock), daemon=True)
             t.start()
             threads.append(t)
         feed.finish()        # encoding completes even if every peer is unreachable (the snapshot must advance)
@@ -777,21 +1032,25 @@ class Sender:
         for p, t in zip(self.peers, threads):
             if t is not None and t.is_alive():       # slow peer: cut it off; it is caught up at a later push
                 r = results[p.url]
-                r.ok, r.error = False, f"timed out after {self.timeout:.1f}s"
-                p.drop()
-                t.join(5.0)
-                r.version = None
+                p.drop()                             # closing its sockets unblocks the thread
+                t.join(1.0)
+                # set after the thread gave up (its own error would say only "connection closed")
+                r.ok, r.version = False, None
+                r.error = f"timed out: the push window of {self.timeout:g}s ended"
         prog.close()
         wire_bytes = sum(len(b) for b in feed.buckets)
         return PushStats(version, 0.0, time.perf_counter() - t0, 0, wire_bytes, 0,
                          [results[p.url] for p in self.peers])
 
-    def _send_update(self, p: _Peer, buckets_iter, prog: _Progress) -> tuple[int, dict]:
+    def _send_update(self, p: _Peer, buckets_iter, prog: Progress, rollback: bool) -> tuple[int, dict]:
         ch = p.ch
         chans = [ch] + p.extra
         for c in chans:
             c.settimeout(max(1.0, self.timeout))
-        ch.send_msg(wire.UPDATE, {"streams": len(chans)} if p.extra else {})
+        msg = {"streams": len(chans)} if p.extra else {}
+        if rollback:
+            msg["allow_rollback"] = True
+        ch.send_msg(wire.UPDATE, msg)
         if not p.extra:
             n = cnt = 0
             for b in buckets_iter:
@@ -805,7 +1064,7 @@ class Sender:
         _, ack = ch.recv_msg((wire.ACK,))
         return n, ack
 
-    def _send_parallel(self, chans: list, buckets_iter, prog: _Progress) -> int:
+    def _send_parallel(self, chans: list, buckets_iter, prog: Progress) -> int:
         """Bucket i goes on stream i mod k, one sending thread per stream; at most 2 buckets queued per stream."""
         import queue
         queues = [queue.Queue(maxsize=2) for _ in chans]
@@ -848,8 +1107,11 @@ class Sender:
             raise errors[0]
         return sum(sent)
 
-    def _serve_peer(self, p: _Peer, r: PeerResult, feed: _Feed, state, base, version, deadline, prog,
-                    full_lock) -> None:
+    # errors a retry cannot fix: reported at once
+    FINAL_ERRORS = ("LayoutMismatch", "RollbackRefused", "AuthError", "InvalidArgument")
+
+    def _serve_peer(self, p: _Peer, r: PeerResult, feed: _Feed, state, base, version, feed_kind, rollback,
+                    deadline, prog, full_lock) -> None:
         for attempt in range(self.retries + 1):
             r.attempts = attempt + 1
             if p.ch is None:
@@ -857,40 +1119,90 @@ class Sender:
                 if p.ch is None:
                     r.error = f"cannot connect: {err}"
                     return
-            kind, parts = self._plan(p, base, version)
-            r.kind = kind
+                if r.previous_version is None:
+                    r.previous_version = p.version
+                if p.version is not None and p.digest is not None:
+                    if p.version == version:   # it applied this update but its ACK was lost: check, do not resend
+                        feed.finish()
+                        p.verified = p.digest == self._digest_of(version, state)
+                    elif self._digests.get(p.version) == p.digest:
+                        p.verified = True      # reconnected at a version whose digest the sender knows
+            kind, parts, note = self._plan(p, base, version, feed_kind, rollback)
+            r.kind, r.note = kind, note
             t1 = time.perf_counter()
             try:
                 if kind == "none":
                     r.ok, r.version = True, p.version
                     prog.add(done=1)
                     return
+                if kind == "refused":
+                    r.error, r.version = note, p.version
+                    return
+                if self.encoder.layout is not None and p.layout is not None and p.layout != self._layout_digest():
+                    r.error = "LayoutMismatch: " + self._layout_difference(p.ch, max(0.1, min(
+                        self.connect_timeout, deadline - time.perf_counter())))
+                    r.kind, r.version = "refused", p.version
+                    log.warning("peer %s: %s", p.url, r.error)
+                    return
+                if kind == "full" and feed_kind != "full":
+                    log.warning("peer %s gets a FULL update of version %d: %s", p.url, version, note)
+                elif note:
+                    log.warning("peer %s: %s", p.url, note)
                 for part in parts:
                     if part is None:
-                        nbytes, ack = self._send_update(p, feed.iterate(), prog)
+                        nbytes, ack = self._send_update(p, feed.iterate(), prog, rollback)
                     elif part == "full":
                         feed.finish()              # the snapshot is final once the delta is fully encoded
                         with full_lock:
-                            up = full_update(state, version, bucket_bytes=self.bucket_bytes)
-                            nbytes, ack = self._send_update(p, up.iter_buckets(), prog)
+                            up = full_update(state, version, bucket_bytes=self.bucket_bytes,
+                                             digest=self.encoder.want_digest)
+                            nbytes, ack = self._send_update(p, up.iter_buckets(), prog, rollback)
                     else:
-                        nbytes, ack = self._send_update(p, iter(part), prog)
+                        nbytes, ack = self._send_update(p, iter(part), prog, rollback)
                     r.bytes += nbytes
                     r.apply_s += float(ack.get("apply_s", 0.0)) + float(ack.get("decode_s", 0.0))
                     if not ack.get("ok"):
                         p.version, p.verified = ack.get("version"), False
-                        raise SparseSyncError(f"{ack.get('error_type')}: {ack.get('error')}")
+                        raise _Refused(ack.get("error_type"), ack.get("error"))
                     p.version, p.verified = ack.get("version"), True
                     r.digest_verified = bool(ack.get("verified"))
                 r.wire_s = time.perf_counter() - t1 - r.apply_s
                 r.ok, r.version, r.error = True, p.version, None
                 prog.add(done=1)
                 return
-            except (OSError, SparseSyncError, socket.timeout) as exc:
+            except (OSError, SparseSyncError) as exc:
                 r.error = str(exc)
-                if isinstance(exc, (wire.PeerClosed, wire.ProtocolError, OSError, socket.timeout)):
+                r.version = p.version
+                if isinstance(exc, _Refused) and exc.error_type in self.FINAL_ERRORS:
+                    return
+                if isinstance(exc, (wire.PeerClosed, wire.ProtocolError, OSError)):
                     p.drop()
                 wait = self.backoff * (2 ** attempt)
                 if time.perf_counter() + wait >= deadline:
                     return
                 time.sleep(wait)
+
+
+class _Refused(SparseSyncError):
+    """A receiver refused an update (its ACK named the error)."""
+
+    def __init__(self, error_type, error):
+        super().__init__(f"{error_type}: {error}")
+        self.error_type = error_type
+
+
+def layout_difference(mine, theirs) -> str:
+    """Name the first tensor (in name order) whose presence, dtype or shape differs between two layouts
+    [(name, dtype, shape), ...], and the tensor counts."""
+    a = {n: (d, tuple(s)) for n, d, s in mine}
+    b = {n: (d, tuple(s)) for n, d, s in theirs}
+    counts = f"(the sender has {len(a)} tensors, the receiver {len(b)})"
+    for n in sorted(set(a) | set(b)):
+        if n not in b:
+            return f"tensor {n!r} ({a[n][0]}{list(a[n][1])}) is on the sender, not on the receiver {counts}"
+        if n not in a:
+            return f"tensor {n!r} ({b[n][0]}{list(b[n][1])}) is on the receiver, not on the sender {counts}"
+        if a[n] != b[n]:
+            return (f"tensor {n!r}: the sender has {a[n][0]}{list(a[n][1])}, the receiver {b[n][0]}{list(b[n][1])} "
+                    f"{counts}")
+    return f"the layouts differ only in order {counts}"

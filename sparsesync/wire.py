@@ -12,22 +12,25 @@ import hmac
 import os
 import socket
 import struct
+import time
 from urllib.parse import urlparse
 
 import msgpack
 
-from .errors import SparseSyncError
+from .errors import InvalidArgument, SparseSyncError
 
 PROTOCOL = 1
 FRAME = struct.Struct("<BQ")
 
 (CHALLENGE, AUTH, WELCOME, UPDATE, BUCKET, ACK, BYE, REJECT, BUCKET_Z, NCCL_INIT, NCCL_READY, BUCKET_NCCL,
- DONE) = range(1, 14)
+ DONE, LAYOUT_REQ, LAYOUT) = range(1, 16)
 NAMES = {CHALLENGE: "CHALLENGE", AUTH: "AUTH", WELCOME: "WELCOME", UPDATE: "UPDATE", BUCKET: "BUCKET", ACK: "ACK",
          BYE: "BYE", REJECT: "REJECT", BUCKET_Z: "BUCKET_Z", NCCL_INIT: "NCCL_INIT", NCCL_READY: "NCCL_READY",
-         BUCKET_NCCL: "BUCKET_NCCL", DONE: "DONE"}
+         BUCKET_NCCL: "BUCKET_NCCL", DONE: "DONE", LAYOUT_REQ: "LAYOUT_REQ", LAYOUT: "LAYOUT"}
 MAX_CONTROL = 64 << 10
+MAX_LAYOUT = 64 << 20            # a LAYOUT frame: zlib-compressed msgpack list of [name, dtype, shape]
 DEFAULT_MAX_BUCKET = 1 << 30
+GROW_STEP = 1 << 20              # large frames are allocated as their bytes arrive, growing from this size
 
 
 class ProtocolError(SparseSyncError):
@@ -42,18 +45,26 @@ class PeerClosed(SparseSyncError):
     """The connection ended."""
 
 
+class Timeout(SparseSyncError, TimeoutError):
+    """A peer did not answer within the time allowed (a socket timeout or a whole-exchange deadline)."""
+
+
 def parse_url(url: str, default_port: int = 7000) -> tuple[str, str, int]:
     """'tcp://host:port' -> (scheme, host, port)."""
     if "://" not in url:
         url = "tcp://" + url
     u = urlparse(url)
     if u.scheme not in ("tcp", "inproc"):
-        raise ValueError(f"unsupported address {url!r}: use tcp://HOST:PORT")
+        raise InvalidArgument(f"unsupported address {url!r}: use tcp://HOST:PORT")
     if u.scheme == "inproc":
         return "inproc", u.netloc, 0
     if not u.hostname:
-        raise ValueError(f"address {url!r} has no host")
-    return "tcp", u.hostname, default_port if u.port is None else u.port
+        raise InvalidArgument(f"address {url!r} has no host")
+    try:
+        port = u.port
+    except ValueError:
+        raise InvalidArgument(f"address {url!r} has an invalid port") from None
+    return "tcp", u.hostname, default_port if port is None else port
 
 
 def pack(obj) -> bytes:
@@ -80,19 +91,39 @@ class Channel:
         self.peer = peer
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.deadline: float | None = None    # monotonic time by which a whole exchange must finish (handshakes)
+        self._timeout: float | None = None
 
     def settimeout(self, t: float | None) -> None:
+        """Bound each blocking socket operation to ``t`` seconds (None: no bound)."""
+        self._timeout = t
         self.sock.settimeout(t)
+
+    def clear_deadline(self) -> None:
+        self.deadline = None
+        self.sock.settimeout(self._timeout)
+
+    def _arm(self) -> None:
+        """Before a blocking operation: when a deadline is set, bound the operation by the time left."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout(f"{self.peer}: no answer within the time allowed")
+        self.sock.settimeout(left if self._timeout is None else min(left, self._timeout))
 
     def send(self, ftype: int, payload=b"") -> None:
         mv = memoryview(payload).cast("B") if not isinstance(payload, (bytes, bytearray)) else payload
         head = FRAME.pack(ftype, len(mv))
         try:
+            self._arm()
             if len(mv) < 65536:
                 self.sock.sendall(head + bytes(mv))
             else:
                 self.sock.sendall(head)
                 self.sock.sendall(mv)
+        except socket.timeout:
+            raise Timeout(f"{self.peer}: send timed out") from None
         except OSError as exc:
             raise PeerClosed(f"{self.peer}: send failed: {exc}") from None
         self.bytes_sent += FRAME.size + len(mv)
@@ -101,19 +132,27 @@ class Channel:
         self.send(ftype, pack(obj))
 
     def _recv_exact(self, n: int) -> bytearray:
-        buf = bytearray(n)
+        """Read exactly ``n`` bytes. Memory is allocated as bytes arrive (doubling from 1 MiB), so a frame header that
+        declares a large size costs nothing until the bytes are really sent."""
+        buf = bytearray(min(n, GROW_STEP))
         view = memoryview(buf)
         got = 0
         while got < n:
+            if got == len(buf):                      # grow: at most twice what has arrived so far
+                view.release()
+                buf.extend(bytes(min(len(buf), n - len(buf))))
+                view = memoryview(buf)
             try:
-                k = self.sock.recv_into(view[got:], min(n - got, 1 << 22))
+                self._arm()
+                k = self.sock.recv_into(view[got:], min(len(buf) - got, 1 << 22))
             except socket.timeout:
-                raise
+                raise Timeout(f"{self.peer}: no data for too long (received {got} of {n} bytes)") from None
             except OSError as exc:
                 raise PeerClosed(f"{self.peer}: receive failed: {exc}") from None
             if k == 0:
                 raise PeerClosed(f"{self.peer}: connection closed")
             got += k
+        view.release()
         self.bytes_received += n
         return buf
 
@@ -124,7 +163,7 @@ class Channel:
         if expect is not None and ftype not in expect:
             raise ProtocolError(f"{self.peer}: got {NAMES[ftype]}, expected {'/'.join(NAMES[e] for e in expect)}")
         bound = max_len if max_len is not None else \
-            (self.max_bucket if ftype in (BUCKET, BUCKET_Z) else MAX_CONTROL)
+            (self.max_bucket if ftype in (BUCKET, BUCKET_Z) else MAX_LAYOUT if ftype == LAYOUT else MAX_CONTROL)
         if length > bound:
             raise ProtocolError(f"{self.peer}: {NAMES[ftype]} frame of {length} bytes exceeds the {bound}-byte limit")
         return ftype, self._recv_exact(length)
@@ -187,13 +226,49 @@ def token_bytes(token) -> bytes | None:
         return None
     if isinstance(token, str):
         token = token.encode("utf-8")
-    if not isinstance(token, (bytes, bytearray)) or len(token) < 8:
-        raise ValueError("token must be a str or bytes of at least 8 characters")
+    if not isinstance(token, (bytes, bytearray)):
+        raise InvalidArgument(f"token must be a str or bytes, got {type(token).__name__}")
+    if len(token) < MIN_TOKEN:
+        raise InvalidArgument(f"token has {len(token)} characters; at least {MIN_TOKEN} are required")
     return bytes(token)
 
 
-def server_handshake(ch: Channel, token: bytes | None, state_info: dict, timeout: float) -> dict:
-    """Receiver side. Sends a challenge, checks the sender's proof, proves itself, then sends ``state_info``."""
+def pack_layout(layout) -> bytes:
+    """A LAYOUT frame's payload: the receiver's [(name, dtype, shape), ...], msgpack then zlib."""
+    import zlib
+    return zlib.compress(pack([[n, d, list(s)] for n, d, s in layout]), 1)
+
+
+def unpack_layout(data) -> list:
+    import zlib
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(bytes(data), MAX_LAYOUT)
+        if d.unconsumed_tail:
+            raise ProtocolError("LAYOUT frame expands beyond its limit")
+        obj = msgpack.unpackb(raw, raw=False, use_list=True,
+                              ext_hook=lambda c, x: (_ for _ in ()).throw(ValueError("ext")))
+        out = []
+        for n, dt, shape in obj:
+            if not isinstance(n, str) or not isinstance(dt, str) or not isinstance(shape, list) or \
+                    not all(isinstance(x, int) and not isinstance(x, bool) for x in shape):
+                raise ValueError("bad entry")
+            out.append((n, dt, tuple(shape)))
+        return out
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"LAYOUT frame is invalid: {exc}") from None
+
+
+MIN_TOKEN = 8
+
+
+def server_handshake(ch: Channel, token: bytes | None, state_info, timeout: float) -> dict:
+    """Receiver side. Sends a challenge, checks the sender's proof, proves itself, then sends ``state_info`` (a dict,
+    or a function returning one, called once the sender has authenticated). The whole exchange must finish within
+    ``timeout`` seconds (not each read: a peer trickling bytes cannot hold it open)."""
+    ch.deadline = time.monotonic() + timeout
     ch.settimeout(timeout)
     nonce_r = os.urandom(32)
     ch.send_msg(CHALLENGE, {"proto": PROTOCOL, "nonce": nonce_r, "auth": token is not None})
@@ -209,14 +284,17 @@ def server_handshake(ch: Channel, token: bytes | None, state_info: dict, timeout
             finally:
                 ch.close()
             raise AuthError(f"{ch.peer}: authentication failed")
-    reply = dict(state_info)
+    reply = dict(state_info() if callable(state_info) else state_info)
     reply["mac"] = _mac(token, b"server", nonce_s, nonce_r) if token is not None else b""
     ch.send_msg(WELCOME, reply)
+    ch.clear_deadline()
     return msg
 
 
 def client_handshake(ch: Channel, token: bytes | None, timeout: float, hello: dict | None = None) -> dict:
-    """Sender side. Answers the challenge and checks the receiver's proof; returns the receiver's state info."""
+    """Sender side. Answers the challenge and checks the receiver's proof; returns the receiver's state info. The
+    whole exchange must finish within ``timeout`` seconds."""
+    ch.deadline = time.monotonic() + timeout
     ch.settimeout(timeout)
     _, msg = ch.recv_msg((CHALLENGE,))
     if msg.get("proto") != PROTOCOL:
@@ -237,4 +315,5 @@ def client_handshake(ch: Channel, token: bytes | None, timeout: float, hello: di
         mac = reply.get("mac")
         if not isinstance(mac, bytes) or not hmac.compare_digest(mac, _mac(token, b"server", nonce_s, nonce_r)):
             raise AuthError(f"{ch.peer}: receiver failed to prove it knows the token")
+    ch.clear_deadline()
     return reply

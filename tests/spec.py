@@ -20,6 +20,9 @@ RANS_L = 1 << 23
 WIDTH = {"bfloat16": 2, "float16": 2, "int16": 2, "float32": 4, "int32": 4, "float64": 8, "int64": 8,
          "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1, "bool": 1}
 HEADER_KEYS_DOC = None  # filled by tests from docs/FORMAT.md
+# FORMAT.md 2: exactly these keys, in this order
+HEADER_KEYS = ["v", "uid", "base", "ver", "vals", "idx", "cnt", "layout", "ntensors", "dig", "digest", "body_len",
+               "body_hash", "prev", "segs"]
 
 
 class SpecError(Exception):
@@ -82,6 +85,8 @@ def read_varint(buf: bytes, pos: int, end: int):
         if not b & 0x80:
             if v >= 1 << 63:
                 raise SpecError("varint too large")
+            if i > 0 and b == 0:
+                raise SpecError("varint not canonical: a multi-byte varint ends in a zero byte")
             return v, pos
     raise SpecError("varint longer than 10 bytes")
 
@@ -251,7 +256,24 @@ def parse_bucket(bucket: bytes):
     hb = bucket[16:16 + H]
     if h64(hb, 0x48445248) != hh:
         raise SpecError("header hash")
-    m = msgpack.unpackb(hb, raw=False)
+    try:
+        m = msgpack.unpackb(hb, raw=False)
+    except Exception as exc:
+        raise SpecError(f"header is not msgpack: {exc}") from None
+    # FORMAT.md 2, canonical form: exactly the documented keys in their order, the documented types, and re-encoding
+    # the decoded values with the shortest formats gives the received bytes back
+    if not isinstance(m, dict) or list(m) != HEADER_KEYS:
+        raise SpecError("header keys are not exactly the documented ones in the documented order")
+    if msgpack.packb(m, use_bin_type=True) != hb:
+        raise SpecError("header not in canonical form")
+    types = {"v": (int,), "uid": (bytes,), "base": (int, type(None)), "ver": (int,), "vals": (str,), "idx": (int,),
+             "cnt": (int,), "layout": (bytes,), "ntensors": (int,), "dig": (bool,), "digest": (str, type(None)),
+             "body_len": (int,), "body_hash": (int,), "prev": (int,), "segs": (list,)}
+    for k, ts in types.items():
+        if not isinstance(m[k], ts) or (bool not in ts and isinstance(m[k], bool)):
+            raise SpecError(f"header field {k} has type {type(m[k]).__name__}")
+    if m["v"] != 1:
+        raise SpecError("format version")
     body = bucket[16 + H:]
     if len(body) != m["body_len"] or tree64(body) != m["body_hash"]:
         raise SpecError("body")
@@ -263,17 +285,35 @@ def apply_update(buckets, state: dict):
     Returns the first header map."""
     writes = []
     first = None
+    ends = {}          # FORMAT.md 2: a tensor's segments ascend through the update
+    prev = 0
     for idx, bucket in enumerate(buckets):
         m, body = parse_bucket(bucket)
         if m["v"] != 1 or m["idx"] != idx:
             raise SpecError("version or index")
+        if m["prev"] != prev:
+            raise SpecError("chain link")
+        prev = struct.unpack_from("<Q", bytes(bucket), 8)[0]
         if first is None:
             first = m
-        elif (m["uid"], m["base"], m["ver"], m["vals"], m["layout"]) != \
-                (first["uid"], first["base"], first["ver"], first["vals"], first["layout"]):
+            if m["layout"] != layout_digest(state) or m["ntensors"] != len(state):
+                raise SpecError("layout")
+            if m["base"] is not None and m["ver"] <= m["base"]:
+                raise SpecError("a delta update must increase the version")
+        elif (m["uid"], m["base"], m["ver"], m["vals"], m["layout"], m["ntensors"], m["dig"]) != \
+                (first["uid"], first["base"], first["ver"], first["vals"], first["layout"], first["ntensors"],
+                 first["dig"]):
             raise SpecError("foreign bucket")
         if m["cnt"] not in (0, idx + 1):
             raise SpecError("count must be 0 (more follow) or idx + 1 (the last bucket)")
+        if m["cnt"] and m["dig"]:
+            d = m["digest"]
+            if not isinstance(d, str) or len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise SpecError("the update says it carries a digest; its last bucket has none")
+        elif m["digest"] is not None:
+            raise SpecError("digest where none belongs")
+        if not m["cnt"] and not m["segs"]:
+            raise SpecError("only the last bucket may be empty")
         last = m
         off = 0
         for seg in m["segs"]:
@@ -281,6 +321,11 @@ def apply_update(buckets, state: dict):
             dt, sh, buf = state[name]
             if dt != dtype or list(sh) != list(shape):
                 raise SpecError("layout")
+            if not start < end:
+                raise SpecError("empty segment")
+            if start < ends.get(name, 0):
+                raise SpecError("segments of a tensor overlap or are out of order")
+            ends[name] = end
             if soff != off:
                 raise SpecError("segments must tile the body")
             off += slen

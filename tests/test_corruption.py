@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from helpers import (examples, assert_state_equal, clone_state, gen, headers, ivw, mutate, random_tensor)
 from sparsesync import (BaseMismatch, CorruptPayload, Decoder, Encoder, LayoutMismatch, SparseSyncError,
                         VersionMismatch, state_digest)
+from sparsesync.errors import RollbackRefused
 from sparsesync.format import HEADER_SEED, MAGIC, PREAMBLE, parse_bucket, update_uid
 from sparsesync.kernels import impl
 
@@ -393,12 +394,20 @@ def test_wrong_decoder_version(case, version):
 
 
 def test_full_update_needs_no_version_but_a_layout(case):
+    """A full update applies at any version up to its own (at its own it re-installs the bytes); above it, it is a
+    rollback, refused unless the decoder allows rollbacks."""
     full = Encoder(values=case["values"], bucket_bytes=4096).encode(case["new"], 9)
-    for v in (0, 3, 9, 77):
+    for v in (0, 3, 9):
         dst, dec = fresh(case, version=v)
         dec.apply(full)
         assert dec.version == 9
         assert_state_equal(dst, case["new"])
+    dst, dec = fresh(case, version=77)
+    rejected(case, dst, dec, full, RollbackRefused, exact_type=True, then_apply=False)
+    dec.allow_rollback = True
+    dec.apply(full)
+    assert dec.version == 9
+    assert_state_equal(dst, case["new"])
     dst = clone_state(case["old"])
     dst["b"] = torch.zeros(50, 40)
     rejected(case, dst, Decoder(dst, 0), full, LayoutMismatch, exact_type=True)
@@ -733,8 +742,8 @@ def test_forged_header_not_a_valid_map(dcase, header):
 _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 64 - 1), st.floats(allow_nan=True),
                  st.text(max_size=8), st.binary(max_size=20), st.lists(st.integers(-5, 5000), max_size=4),
                  st.dictionaries(st.text(max_size=3), st.integers(-2 ** 63, 2 ** 64 - 1), max_size=2))
-_KEYS = ["v", "uid", "base", "ver", "vals", "idx", "cnt", "layout", "ntensors", "digest", "body_len", "body_hash",
-         "prev", "segs"]
+_KEYS = ["v", "uid", "base", "ver", "vals", "idx", "cnt", "layout", "ntensors", "dig", "digest", "body_len",
+         "body_hash", "prev", "segs"]
 
 
 @settings(max_examples=examples(200), deadline=None)

@@ -24,7 +24,7 @@ def test_bench_over_emulated_link_is_exact_and_cleans_up(tmp_path):
                         "--tensor-elems", "1000000", "--port", "7480", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = json.loads((out / "net.json").read_text())["rows"]
     by = {row["method"]: row for row in rows}
     assert set(by) == {"dense", "dense+zstd", "int32+raw", "sparsesync"}
     assert all(row["exact"] for row in rows)

@@ -1,4 +1,8 @@
-"""Every environment variable sparsesync reads, with its default and type, in one place (README lists them)."""
+"""Every environment variable sparsesync reads, with its default and type, in one place (README lists them).
+
+``python -m sparsesync.config`` prints the README's table (``sparsesync/config/__main__.py``). This is a package so
+that running it as a module works cleanly even though importing ``sparsesync`` imports ``sparsesync.config``.
+"""
 from __future__ import annotations
 
 import os
@@ -45,7 +49,3 @@ def markdown_table() -> str:
     for name, (default, typ, doc) in VARIABLES.items():
         rows.append(f"| `{name}` | `{default or '(unset)'}` | {typ} | {doc} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(markdown_table())
