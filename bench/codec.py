@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,20 +28,8 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sparsesync as ss  # noqa: E402
 from sparsesync import kernels  # noqa: E402
-from sparsesync.netbench import SCRATCH, Tee  # noqa: E402
+from sparsesync.netbench import SCRATCH, Tee, machine  # noqa: E402
 
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

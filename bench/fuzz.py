@@ -37,7 +37,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import struct
 import sys
@@ -54,6 +53,7 @@ import torch  # noqa: E402
 
 import sparsesync as ss  # noqa: E402
 from sparsesync import kernels  # noqa: E402
+from sparsesync.netbench import machine  # noqa: E402
 from sparsesync.codec import Decoder, Encoder, full_update  # noqa: E402
 from sparsesync.errors import SparseSyncError  # noqa: E402
 from sparsesync.format import HEADER_SEED, MAGIC, PREAMBLE, update_uid  # noqa: E402
@@ -792,18 +792,6 @@ def _chunk(args) -> dict:
     res["cases"] = {k: dict(v) for k, v in res["cases"].items()}
     return res
 
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()}, Python {platform.python_version()}, " \
-           f"torch {torch.__version__}"
 
 
 def run(count: int = 1_000_000, seed: int = 1, workers: int = 2, out=None, reference_share: float = 0.01,

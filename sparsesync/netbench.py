@@ -34,6 +34,24 @@ BASE_PORT = 7400
 TOKEN_ENV = "SPARSESYNC_BENCH_TOKEN"
 # where benchmarks write unless told otherwise (bench/codec.py, bench/fanout.py and bench/trace.py use it too):
 # never into the committed bench/results/ without an explicit --out
+
+def machine() -> str:
+    """One line naming this machine for benchmark output: CPU model, cores, memory, OS, Python and torch."""
+    import platform
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
 SCRATCH = Path(tempfile.gettempdir()) / "sparsesync-bench"
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from . import backends, wire
-from .codec import ApplyStats, Decoder, Encoder, Update, full_update
+from .codec import ApplyStats, Decoder, Encoder, StateLike, Update, full_update
 from .digest import layout_digest, state_digest
 from .progress import Progress
 from .errors import (CorruptPayload, InvalidArgument, LayoutMismatch, PushFailed, SparseSyncError, VersionConflict,
@@ -59,13 +59,13 @@ class Receiver:
     MAX_STREAMS = 16
     MAX_BUCKETS = 1 << 30
 
-    def __init__(self, state, listen: str = "tcp://127.0.0.1:7000", *, token: str | bytes | None = None,
+    def __init__(self, state: StateLike, listen: str = "tcp://127.0.0.1:7000", *, token: str | bytes | None = None,
                  version: int = 0, on_update: Callable[[int, ApplyStats], None] | None = None,
                  ssl_context: _ssl.SSLContext | None = None, verify_digest: bool = True,
                  forward_to: Sequence[str] | None = None, forward_token: str | bytes | None = None,
                  max_bucket: int = wire.DEFAULT_MAX_BUCKET, handshake_timeout: float = 10.0,
                  idle_timeout: float = 300.0, stall_timeout: float = 30.0, max_handshakes: int = 64,
-                 allow_rollback: bool = False, nccl_device=None, allow_unauthenticated: bool = False):
+                 allow_rollback: bool = False, nccl_device: int | None = None, allow_unauthenticated: bool = False):
         self.token = wire.token_bytes(token)
         self.nccl_device = nccl_device          # CUDA device for NCCL payloads (senders with backend="nccl")
         if self.token is None and not allow_unauthenticated:
@@ -483,10 +483,12 @@ class PushStats:
 
     @property
     def ok(self) -> bool:
+        """True when every peer holds ``version``."""
         return all(p.ok and p.version == self.version for p in self.peers)
 
     @property
     def succeeded(self) -> int:
+        """How many peers hold ``version``."""
         return sum(1 for p in self.peers if p.ok and p.version == self.version)
 
     @property
@@ -500,6 +502,7 @@ class PushStats:
         return sum(p.bytes for p in self.peers)
 
     def as_dict(self) -> dict:
+        """Every field and property as plain values (for JSON)."""
         d = asdict(self)
         d.update(ok=self.ok, succeeded=self.succeeded, sent_bytes=self.sent_bytes)
         return d
@@ -607,7 +610,7 @@ class Sender:
                  bucket_bytes: int | None = None, timeout: float = 60.0, connect_timeout: float = 5.0,
                  retries: int = 3, backoff: float = 0.2, retain: int = 4, quorum: int | str = 1,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
-                 compress: bool = False, streams: int = 1, allow_rollback: bool = False, nccl_device=None,
+                 compress: bool = False, streams: int = 1, allow_rollback: bool = False, nccl_device: int | None = None,
                  allow_unauthenticated: bool = False):
         if isinstance(peers, str):
             peers = [peers]
@@ -660,7 +663,7 @@ class Sender:
         self.history: list[PushStats] = []
 
     # -- public ---------------------------------------------------------------------------------------------------------
-    def push(self, state, version: int, *, allow_rollback: bool | None = None) -> PushStats:
+    def push(self, state: StateLike, version: int, *, allow_rollback: bool | None = None) -> PushStats:
         """Encode ``state`` as ``version`` once and deliver it to every peer; returns per-peer results.
 
         Raises :class:`~sparsesync.errors.VersionConflict` (nothing sent) when ``version`` is lower than the last
@@ -739,7 +742,7 @@ class Sender:
         """{peer: the last connection error} for peers that are not connected."""
         return {p.url: p.last_error for p in self.peers if p.ch is None and p.last_error}
 
-    def forward(self, buckets: list, base: int | None, version: int, state) -> PushStats:
+    def forward(self, buckets: list, base: int | None, version: int, state: StateLike) -> PushStats:
         """Relay an update received elsewhere (its buckets) to the peers; ``state`` is the relay's applied state."""
         t0 = time.perf_counter()
         self._connect_all(t0 + self.timeout)

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
+import sparsesync
 
 import spec
 from helpers import assert_state_equal, clone_state, gen, ivw, mutate, random_tensor
@@ -852,7 +853,8 @@ def test_codec_logs_its_decisions_at_debug(case, caplog):
 # ---------------------------------------------------------------------------------------------------------------------
 # item 11: documentation
 
-@pytest.mark.parametrize("obj", [Encoder, Update, Decoder, UpdateStats, ApplyStats, full_update, state_digest])
+@pytest.mark.parametrize("obj", [Encoder, Update, Decoder, UpdateStats, ApplyStats, full_update, state_digest,
+                                 sparsesync.Sender, sparsesync.Receiver, sparsesync.PushStats, sparsesync.PeerResult])
 def test_public_api_is_documented_and_annotated(obj):
     assert inspect.getdoc(obj), obj
     members = [(obj.__name__, obj)] if inspect.isfunction(obj) else \

@@ -189,6 +189,25 @@ class ProbeUpdate(WeightTransferUpdateInfo):
     inplace: bool = False          # True: copy_ into the runtime parameter of the same name and shape
     fixups: bool = False           # True: re-run the CPU post-load steps vLLM 0.32's reload misses
     truncate: list | None = None   # names whose tensor is cut by one row (a malformed update)
+    abort_on_error: bool = False   # True: on a failed layerwise load, put the kernel tensors back (abort_layerwise)
+
+def abort_layerwise(model):
+    """Undo initialize_layerwise_reload for every layer that was not processed yet: re-register its kernel
+    tensors (old values, untouched) and clear its buffered loads. Layers that were already processed keep the
+    NEW values, so the model is left mixed (alive, but neither version) until those layers are reloaded."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        LOADING_LAYERS, _place_kernel_tensors, get_layerwise_info)
+    restored = 0
+    for layer in model.modules():
+        info = get_layerwise_info(layer)
+        if info.can_load():
+            _place_kernel_tensors(layer, info)
+            info.reset()
+            restored += 1
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
+    LOADING_LAYERS.clear()
+    return restored
 
 def cpu_fixups(model, names):
     """Post-load steps that vLLM 0.32's layerwise reload does not redo on the CPU backend:
@@ -271,7 +290,8 @@ class ProbeEngine(WeightTransferEngine):
             fixed = cpu_fixups(self.model, [k for k, _ in items]) if info.fixups else []
         except BaseException as e:
             err = f"{type(e).__name__}: {e}"
-            _log("receive_weights", version=info.version, n=len(items), error=err[:400])
+            restored = abort_layerwise(self.model) if info.abort_on_error and not info.raw else None
+            _log("receive_weights", version=info.version, n=len(items), error=err[:400], restored=restored)
             raise
         _log("receive_weights", version=info.version, n=len(items), loaded=len(loaded), fixups=fixed,
              seconds=round(time.perf_counter() - t0, 4))
@@ -393,7 +413,8 @@ def child(spec: dict) -> dict:
         try:
             llm.start_weight_update()
             info = {"version": i + 1, "path": st["path"]}
-            info.update({k: st[k] for k in ("names", "raw", "rename", "inplace", "fixups") if k in st})
+            info.update({k: st[k] for k in ("names", "raw", "rename", "inplace", "fixups", "truncate", "abort_on_error")
+                         if k in st})
             llm.update_weights({"update_info": info})
             llm.finish_weight_update(weight_version=str(i + 1))
             rec["ok"] = True
@@ -401,12 +422,16 @@ def child(spec: dict) -> dict:
             rec["ok"] = False
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rec["update_s"] = round(time.perf_counter() - t, 3)
-        rec["weight_version"] = llm.get_weight_version()
         try:
+            rec["weight_version"] = llm.get_weight_version()
             llm.reset_prefix_cache()  # weight updates do not reset vLLM's prefix cache themselves
             rec.update(run())
         except BaseException as e:  # noqa: BLE001
             rec["run_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if "EngineDead" in type(e).__name__:
+                stages.append(rec)
+                res["engine_dead_after"] = rec["label"]
+                break
         if st.get("recheck_start"):  # can a new update start after a failed one?
             try:
                 llm.start_weight_update()
@@ -617,6 +642,15 @@ def main() -> int:
              "names": ["model.embed_tokens.weight"], "rename": as_lm_head, "recheck_start": True, "want": th[1]},
             {"label": "full->v0 + fixups (again)", "path": t0_, "fixups": True, "want": None},
             {"label": "full->v1 + fixups after the failed reload", "path": t1_, "fixups": True, "want": th[1]},
+            {"label": "full->v0 + fixups (third time)", "path": t0_, "fixups": True, "want": None},
+            {"label": "layerwise full->v1 with a truncated down_proj + abort_layerwise (expect error, engine alive)",
+             "path": t1_, "truncate": ["model.layers.1.mlp.down_proj.weight"], "abort_on_error": True,
+             "fixups": True, "recheck_start": True, "want": None},
+            {"label": "full->v1 + fixups after the aborted update", "path": t1_, "fixups": True, "want": th[1]},
+            {"label": "layerwise full->v0 with a truncated down_proj, NO abort, in-process (expect error)",
+             "path": t0_, "truncate": ["model.layers.1.mlp.down_proj.weight"], "recheck_start": True, "want": None},
+            {"label": "full->v1 + fixups after the un-aborted failure (is the model poisoned?)", "path": t1_,
+             "fixups": True, "want": None},
         ]}, mp=0)
     th[0] = tupd.get("initial", {}).get("hash")
     report_stages(note, "tied", tupd, th)
@@ -679,6 +713,8 @@ def report_stages(note, tag: str, r: dict, refs: dict) -> None:
         note("FAIL", f"{tag}: child failed rc={r.get('rc')} {r.get('signal', '')}; see {r.get('log')}")
         return
     known = {v: k for k, v in refs.items()}
+    if r.get("engine_dead_after"):
+        note("INFO", f"{tag}: the engine died (EngineDeadError) after stage '{r['engine_dead_after']}'")
     for st in r.get("stages", []):
         got = st.get("hash")
         state = f"v{known[got]}" if got in known else "matches no fresh engine"
