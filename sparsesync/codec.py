@@ -538,7 +538,8 @@ class ApplyStats:
     ``previous_version``: the decoder's version before (a full update may keep it or, when allowed, lower it);
     ``kind``: ``"delta"`` or ``"full"``; ``buckets`` / ``wire_bytes``: what was received; ``changed``: elements
     written; ``decode_seconds`` / ``apply_seconds``: time spent verifying and staging / writing; ``digest_verified``:
-    the state digest was recomputed and matched the encoder's.
+    the state digest was recomputed and matched the encoder's; ``tensors``: names of the tensors the update wrote
+    (in update order), for engines that mirror the state elsewhere.
     """
     base_version: int | None
     version: int
@@ -550,6 +551,7 @@ class ApplyStats:
     digest_verified: bool = False
     kind: str = "delta"
     previous_version: int | None = None
+    tensors: tuple = ()
 
 
 @dataclass
@@ -948,7 +950,8 @@ class Decoder:
         self.last_stats = ApplyStats(base_version=h0.base, version=h0.ver, buckets=p.count, wire_bytes=p.wire_bytes,
                                      changed=p.changed, decode_seconds=p.decode_seconds,
                                      apply_seconds=time.perf_counter() - t0, digest_verified=verify, kind=kind,
-                                     previous_version=previous)
+                                     previous_version=previous,
+                                     tensors=tuple(dict.fromkeys(name for name, *_ in p.staged)))
         if kind == "full":
             if h0.ver < previous:
                 log.warning("full update rolled this decoder back from version %d to version %d (allow_rollback)",

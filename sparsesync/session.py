@@ -7,6 +7,7 @@ or full) as bucket frames that the receiver stages as they arrive and commits al
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import math
@@ -14,7 +15,7 @@ import os
 import ssl as _ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from . import backends, wire
@@ -44,6 +45,9 @@ class Receiver:
     ``token``: shared secret (at least 8 characters); required unless ``allow_unauthenticated=True``.
     ``version``: the version ``state`` holds.
     ``on_update(version, apply_stats)``: called after every applied update (on the receiver thread).
+    ``on_commit(version, apply_stats)``: called right after each commit with the commit lock held, before the sender
+    is acknowledged (keep it short; an engine uses it to note which tensors changed, ``apply_stats.tensors``). If it
+    raises, the error is logged and the update stays applied.
     ``forward_to``: downstream peer addresses; every applied update is relayed to them (one upstream copy per
     cluster), with the same token unless ``forward_token`` is given.
     ``allow_rollback``: accept updates that move this receiver to a lower version (default: refused with
@@ -65,7 +69,8 @@ class Receiver:
                  forward_to: Sequence[str] | None = None, forward_token: str | bytes | None = None,
                  max_bucket: int = wire.DEFAULT_MAX_BUCKET, handshake_timeout: float = 10.0,
                  idle_timeout: float = 300.0, stall_timeout: float = 30.0, max_handshakes: int = 64,
-                 allow_rollback: bool = False, nccl_device: int | None = None, allow_unauthenticated: bool = False):
+                 allow_rollback: bool = False, nccl_device: int | None = None, allow_unauthenticated: bool = False,
+                 on_commit: Callable[[int, ApplyStats], None] | None = None):
         self.token = wire.token_bytes(token)
         self.nccl_device = nccl_device          # CUDA device for NCCL payloads (senders with backend="nccl")
         if self.token is None and not allow_unauthenticated:
@@ -80,6 +85,7 @@ class Receiver:
         self.listen = listen
         self.scheme, self.host, self.port = wire.parse_url(listen)
         self.on_update = on_update
+        self.on_commit = on_commit
         self.ssl_context = ssl_context
         self.max_bucket = max_bucket
         self.handshake_timeout = handshake_timeout
@@ -170,6 +176,13 @@ class Receiver:
         """``state_digest`` of the state now (cached per applied update)."""
         with self._lock:
             return self._digest_locked()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[int]:
+        """``with receiver.hold() as version:`` no update commits inside the block, so ``state`` can be read
+        consistently (updates keep arriving and staging meanwhile). Yields the version the state holds."""
+        with self._lock:
+            yield self.decoder.version
 
     # -- internals ------------------------------------------------------------------------------------------------------
     def _digest_locked(self) -> str:
@@ -424,6 +437,11 @@ class Receiver:
                         self.decoder.version = dec.version
                         self.decoder.last_stats = dec.last_stats
                         self._generation += 1
+                        if self.on_commit is not None:
+                            try:
+                                self.on_commit(dec.version, dec.last_stats)
+                            except Exception as exc:        # the update is applied; the hook's failure is reported
+                                log.warning("receiver %s: on_commit hook failed: %r", self.address, exc)
             ack = {"version": self.decoder.version, "ok": err is None, "seconds": time.perf_counter() - t0}
             if err is not None:
                 ack.update(error=str(err), error_type=type(err).__name__)

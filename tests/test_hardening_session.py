@@ -418,3 +418,25 @@ def test_lost_ack_is_checked_by_digest_not_resent_in_full(receivers):
         assert ss.state_digest(r.state) == ss.state_digest(v1)
     finally:
         proxy.close()
+
+
+# -- engine hooks: which tensors an update wrote, and a consistent view of the state ---------------------------------
+
+def test_on_commit_names_the_written_tensors_and_hold_blocks_commits(receivers):
+    base = make_state(25)
+    seen = []
+    r = receivers(clone(base), on_commit=lambda v, st: seen.append((v, st.tensors)))
+    v1 = clone(base)
+    v1["layer1.weight"].view(torch.int16).view(-1)[7] += 1
+    with Sender([r.address], token=TOKEN, base=base, base_version=0, progress=False, timeout=10) as s:
+        assert s.push(v1, 1).ok
+        assert seen == [(1, ("layer1.weight",))]
+        done = threading.Event()
+        with r.hold() as v:
+            assert v == 1
+            t = threading.Thread(target=lambda: (s.push(step_state(v1, 2), 2), done.set()), daemon=True)
+            t.start()
+            time.sleep(0.5)
+            assert not done.is_set() and r.version == 1          # staged, not committed while held
+        t.join(10)
+        assert done.is_set() and r.version == 2 and seen[-1][0] == 2
