@@ -461,7 +461,11 @@ class Receiver:
         with self._cond:
             self._cond.notify_all()
         if self.on_update is not None:
-            self.on_update(self.decoder.version, self.decoder.last_stats)
+            try:
+                self.on_update(self.decoder.version, self.decoder.last_stats)
+            except Exception as exc:        # the update is applied and acknowledged; report the callback's failure
+                self.errors.append(f"on_update failed: {exc!r}")
+                log.warning("receiver %s: on_update callback failed: %r", self.address, exc)
         return dec
 
 

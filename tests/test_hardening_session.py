@@ -440,3 +440,16 @@ def test_on_commit_names_the_written_tensors_and_hold_blocks_commits(receivers):
             assert not done.is_set() and r.version == 1          # staged, not committed while held
         t.join(10)
         assert done.is_set() and r.version == 2 and seen[-1][0] == 2
+
+
+def test_a_failing_callback_does_not_drop_the_connection(receivers):
+    base = make_state(26)
+
+    def boom(v, st):
+        raise RuntimeError("callback bug")
+    r = receivers(clone(base), on_update=boom)
+    with Sender([r.address], token=TOKEN, base=base, base_version=0, progress=False) as s:
+        assert s.push(step_state(base, 1), 1).ok
+        st = s.push(step_state(step_state(base, 1), 2), 2)
+        assert st.ok and st.peers[0].kind == "delta" and st.peers[0].attempts == 1   # same connection, no retry
+    assert any("callback bug" in e for e in r.errors)
