@@ -99,12 +99,22 @@ else
 fi
 
 STEP="pip install -e $PROJECT --no-deps"
-if ! "$PY" - "$PROJECT" <<'EOF' >/dev/null 2>&1
-import os, sys
+# redo the editable install when sparsesync resolves elsewhere, or when the installed metadata lacks an entry point
+# that the checkout's pyproject.toml declares (the vLLM plugin; entry points are written at install time)
+if ! (cd / && "$PY" - "$PROJECT" <<'EOF' >/dev/null 2>&1
+import os, sys, tomllib
+from importlib.metadata import entry_points
 import sparsesync
 here = os.path.realpath(os.path.dirname(sparsesync.__file__))
-sys.exit(0 if here == os.path.realpath(os.path.join(sys.argv[1], "sparsesync")) else 1)
+if here != os.path.realpath(os.path.join(sys.argv[1], "sparsesync")):
+    sys.exit(1)
+want = tomllib.load(open(os.path.join(sys.argv[1], "pyproject.toml"), "rb"))["project"].get("entry-points", {})
+for group, eps in want.items():
+    have = {ep.name: ep.value for ep in entry_points(group=group)}
+    if any(have.get(k) != v for k, v in eps.items()):
+        sys.exit(1)
 EOF
+)
 then
   echo "make_venv.sh: pip install -e $PROJECT --no-deps" >&2
   "$PY" -m pip install --no-input --no-deps -e "$PROJECT" >&2 || die "pip install -e $PROJECT --no-deps failed"
