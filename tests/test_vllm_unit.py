@@ -214,3 +214,197 @@ def test_worker_extension_names_are_prefixed_and_report_status():
     with pytest.raises(RuntimeError, match="sparsesync"):
         Bare().sparsesync_status()
     assert ssv.WORKER_EXTENSION == "sparsesync.integrations.vllm.worker.SparseSyncWorkerExtension"
+
+
+def test_register_registers_the_trainer_side_too(fake_vllm):
+    class Trainers:
+        _registry: dict = {"nccl": lambda: None}
+        calls: list = []
+
+        @classmethod
+        def register_engine(cls, name, module_path_or_cls, class_name=None):
+            if name in cls._registry:
+                raise ValueError("already registered")
+            cls.calls.append((name, module_path_or_cls, class_name))
+            cls._registry[name] = lambda: None
+    sys.modules["vllm.distributed.weight_transfer"].WeightTransferTrainerFactory = Trainers
+    ssv.register()
+    ssv.register()
+    assert Trainers.calls == [("sparsesync", "sparsesync.integrations.vllm.trainer",
+                               "SparseSyncTrainerWeightTransferEngine")]
+    assert "sparsesync.integrations.vllm.trainer" not in sys.modules
+    assert len(fake_vllm.calls) == 1
+
+
+# -- trainer side (against a fake vLLM base module with 0.32's contract) -----------------------------------------------
+@pytest.fixture
+def trainer_mod(monkeypatch):
+    import abc
+    import dataclasses
+    from typing import Any, ClassVar
+
+    @dataclasses.dataclass
+    class TrainerInitInfo:
+        backend: ClassVar[str]
+        rank: int = dataclasses.field(kw_only=True)
+
+        def __init_subclass__(cls, **kw: Any) -> None:
+            super().__init_subclass__(**kw)
+            if not getattr(cls, "backend", None):
+                raise TypeError("backend")
+
+        @property
+        def is_sender(self) -> bool:
+            return self.rank == 0
+
+    class TrainerWeightTransferEngine(abc.ABC):
+        def __class_getitem__(cls, item):
+            return cls
+
+        def __init__(self, *, client, source=None, is_sender=True):
+            self.client, self.source, self.is_sender = client, source, is_sender
+
+        @classmethod
+        @abc.abstractmethod
+        def trainer_init(cls, init_info, *, client, source=None): ...
+
+        @abc.abstractmethod
+        def send_weights(self): ...
+
+    for name in ("vllm", "vllm.distributed", "vllm.distributed.weight_transfer"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    base = types.ModuleType("vllm.distributed.weight_transfer.base")
+    base.TrainerInitInfo, base.TrainerWeightTransferEngine = TrainerInitInfo, TrainerWeightTransferEngine
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.base", base)
+    monkeypatch.delitem(sys.modules, "sparsesync.integrations.vllm.trainer", raising=False)
+    import importlib
+    mod = importlib.import_module("sparsesync.integrations.vllm.trainer")
+    yield mod
+    sys.modules.pop("sparsesync.integrations.vllm.trainer", None)
+
+
+class RecordingClient:
+    def __init__(self, receiver=None):
+        self.calls, self.receiver = [], receiver
+
+    def init_weight_transfer_engine(self, init_info):
+        self.calls.append(("init", dict(init_info)))
+
+    def start_weight_update(self):
+        self.calls.append(("start",))
+
+    def update_weights(self, update_info):
+        # the push finished before the engine is asked to apply: the receiver holds the version already
+        assert self.receiver is None or self.receiver.version == update_info["version"]
+        self.calls.append(("update", dict(update_info)))
+
+    def finish_weight_update(self, weight_version=None):
+        self.calls.append(("finish", weight_version))
+
+
+def test_trainer_engine_pushes_then_drives_the_engine(trainer_mod, tmp_path):
+    import sparsesync as ss
+    torch.manual_seed(0)
+    v0 = {"model.embed_tokens.weight": torch.randn(64, 16).to(torch.bfloat16),
+          "model.norm.weight": torch.ones(16, dtype=torch.bfloat16)}
+    safetensors_io.save(v0, tmp_path / "model.safetensors")
+    rx = ss.Receiver({n: t.clone() for n, t in v0.items()}, "tcp://127.0.0.1:0", token="unit-token-123",
+                     version=0).start()
+    try:
+        client = RecordingClient(rx)
+        info = trainer_mod.SparseSyncTrainerInitInfo(peers=rx.address, token="unit-token-123",
+                                                     base_checkpoint=str(tmp_path), listen="tcp://0.0.0.0:7000",
+                                                     update_timeout=5, sender_kwargs={"progress": False}, rank=0)
+        eng = trainer_mod.SparseSyncTrainerWeightTransferEngine.trainer_init(info, client=client)
+        assert client.calls == [("init", {"listen": "tcp://0.0.0.0:7000", "version": 0, "token": "unit-token-123"})]
+        v1 = {n: t.clone() for n, t in v0.items()}
+        v1["model.norm.weight"][3] = -0.0
+        v1["model.embed_tokens.weight"][5, 7] = float("nan")
+        st = eng.send_weights(v1)
+        assert st.ok and [p.kind for p in st.peers] == ["delta"] and eng.version == 1
+        assert ss.state_digest(rx.state) == ss.state_digest(v1)
+        eng.send_weights(version=4)                              # the previous state again, as version 4
+        assert rx.version == 4
+        assert client.calls[1:] == [("start",), ("update", {"version": 1, "timeout": 5.0}), ("finish", "1"),
+                                    ("start",), ("update", {"version": 4, "timeout": 5.0}), ("finish", "4")]
+        eng.shutdown()
+    finally:
+        rx.stop()
+
+
+def test_trainer_init_info_is_checked(trainer_mod):
+    I = trainer_mod.SparseSyncTrainerInitInfo
+    assert I.backend == "sparsesync"
+    with pytest.raises(ValueError, match="peers"):
+        I(token="x" * 10, rank=0)
+    with pytest.raises(ValueError, match="token"):
+        I(peers=["tcp://h:1"], rank=0)
+    with pytest.raises(TypeError):
+        I(peers=["tcp://h:1"], token="x" * 10)                 # vLLM's base makes rank a required keyword
+    eng = trainer_mod.SparseSyncTrainerWeightTransferEngine.trainer_init(
+        I(peers=["tcp://127.0.0.1:9"], token="x" * 10, rank=1), client=RecordingClient())
+    assert not eng.is_sender
+    with pytest.raises(ValueError, match="base_checkpoint"):    # no base known: refused before anything is sent
+        eng.send_weights({"w": torch.zeros(2)})
+
+
+
+def test_trainer_engine_other_ranks_neither_send_nor_call_the_engine(trainer_mod, tmp_path):
+    safetensors_io.save({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
+    client = RecordingClient()
+    eng = trainer_mod.SparseSyncTrainerWeightTransferEngine.trainer_init(
+        trainer_mod.SparseSyncTrainerInitInfo(peers=["tcp://127.0.0.1:9"], token="x" * 10, listen="tcp://0:1",
+                                              base_checkpoint=str(tmp_path), rank=1), client=client)
+    assert eng.send_weights({"w": torch.ones(4)}) is None       # nothing listens on port 9: it did not connect
+    assert eng.version == 1 and client.calls == []
+
+
+def test_worker_extension_drives_its_own_engine_without_the_registry():
+    calls = []
+
+    class Engine:
+        def update_weights(self, info):
+            calls.append(info)
+
+        def status(self):
+            return {"version": len(calls), "digest": "d"}
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    class Worker(SparseSyncWorkerExtension):
+        weight_transfer_engine = None
+    w = Worker()
+    with pytest.raises(RuntimeError, match="sparsesync_init"):
+        w.sparsesync_update({"version": 1})
+    w._sparsesync_rpc_engine = Engine()
+    assert w.sparsesync_update({"version": 1, "timeout": 2}) == {"version": 1, "digest": "d"}
+    assert w.sparsesync_status()["version"] == 1
+    w.sparsesync_shutdown()
+    assert calls == [{"version": 1, "timeout": 2}, "shutdown"]
+
+
+def test_engine_imports_without_the_weight_transfer_base(monkeypatch):
+    """A vLLM without ``vllm.distributed.weight_transfer``: engine.py falls back to the extension's stand-in base
+    class, so the worker extension can construct the engine itself."""
+    import importlib
+
+    from sparsesync.integrations.vllm import worker
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", None)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.weight_transfer.base", None)
+    monkeypatch.delitem(sys.modules, "sparsesync.integrations.vllm.engine", raising=False)
+    try:
+        eng_mod = importlib.import_module("sparsesync.integrations.vllm.engine")
+        cls = eng_mod.SparseSyncWeightTransferEngine
+        assert issubclass(cls, worker._WeightTransferEngine)
+        cfg = types.SimpleNamespace(parallel_config=None, model_config=types.SimpleNamespace(model="m"))
+        eng = cls(None, cfg, torch.device("cpu"), torch.nn.Linear(2, 2))
+        assert eng.parse_update_info({"version": 2}).version == 2
+        assert eng.parse_init_info({"token": "x" * 10}).listen == "tcp://127.0.0.1:7000"
+        with pytest.raises(ValueError, match="Invalid update_info"):
+            eng.parse_update_info({"versoin": 2})
+        with pytest.raises(ssv.WeightUpdateError, match="before init"):
+            eng.update_weights({"version": 1})
+    finally:
+        sys.modules.pop("sparsesync.integrations.vllm.engine", None)

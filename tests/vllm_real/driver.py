@@ -1,12 +1,15 @@
 """One vLLM engine of the real test, in its own process (a SIGILL, hang or crash stays contained).
 
-    python driver.py SPEC_JSON          SPEC: {"mode": "fresh" | "update", "model": dir, "dtype": ..., "out": file, ...}
+    python driver.py SPEC_JSON          SPEC: {"mode": "fresh" | "update" | "rpc", "model": dir, "dtype": ..., "out": file, ...}
 
 ``fresh``: start an engine on a checkpoint, record prompt logprobs (float bits) and greedy tokens.
 ``update``: start an engine with ``weight_transfer_config={"backend": "sparsesync"}`` at version 0, start the trainer
 (tests/vllm_real/trainer.py) in another process, and run the scenario: versions 1 and 2 applied (2 requested before the
 trainer's push finished), a corrupted and a wrong-base version 3 refused, a stale request refused, the correct version
 3 applied; after every step the engine's digest (through the worker extension) and its logprobs are recorded.
+With SPEC["factory"], the update engine then also runs the trainer side through vLLM's WeightTransferTrainerFactory in
+this process (``run_factory``). ``rpc``: an engine with the worker extension and no ``weight_transfer_config``, driven
+by ``collective_rpc("sparsesync_init" / "sparsesync_update")`` (``run_rpc``).
 Writes one JSON result to SPEC["out"].
 """
 from __future__ import annotations
@@ -178,6 +181,123 @@ def run_update(llm, spec: dict, res: dict) -> None:
             res["reinit_wrong_version"] = f"{type(exc).__name__}: {exc}"
     llm.init_weight_transfer_engine({"init_info": {"listen": "tcp://127.0.0.1:0", "token": TOKEN, "version": 3}})
     res["status_reinit"] = status()
+    if spec.get("factory"):
+        res["factory"] = run_factory(llm, spec)
+
+
+class InProcessClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over an in-process ``LLM`` (plus ``reset_prefix_cache``)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.calls: list = []
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.calls.append(["init", init_info.get("version")])
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.calls.append(["start"])
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info) -> None:
+        self.calls.append(["update", update_info.get("version")])
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version=None) -> None:
+        self.calls.append(["finish", weight_version])
+        self.llm.finish_weight_update(weight_version=weight_version)
+
+    def reset_prefix_cache(self) -> None:
+        self.calls.append(["reset"])
+        self.llm.reset_prefix_cache()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_factory(llm, spec: dict) -> dict:
+    """The trainer side through vLLM's WeightTransferTrainerFactory, in this process: trainer_init initialises the
+    engine side through the client (after a shutdown, at the version it holds: 3), then send_weights pushes version
+    4 = the bytes of version 2 and version 5 = the bytes of version 3 and drives start / update / finish."""
+    import sparsesync as ss
+    from sparsesync.integrations.vllm.checkpoint import load_mirror
+    from sparsesync.integrations.vllm.trainer import SparseSyncTrainerInitInfo
+    from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+    out: dict = {"registered": "sparsesync" in WeightTransferTrainerFactory._registry}   # by the plugin, in vLLM
+    llm.shutdown_weight_transfer_engine()
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    client = InProcessClient(llm)
+    info = SparseSyncTrainerInitInfo(peers=[addr], token=TOKEN, base_version=3, base_checkpoint=spec["final_dir"],
+                                     listen=addr, update_timeout=30, sender_kwargs={"progress": False}, rank=0)
+    eng = WeightTransferTrainerFactory.trainer_init(info, client=client)
+    out["engine"] = type(eng).__name__
+    v2, v3 = load_mirror(spec["final_dir"] + "-v2"), load_mirror(spec["final_dir"])
+    out["steps"] = []
+    for state, version in ((v2, 4), (v3, None)):
+        t = time.perf_counter()
+        st = eng.send_weights(state, version=version)
+        step = {"version": eng.version, "send_s": round(time.perf_counter() - t, 3), "ok": st.ok,
+                "kinds": [p.kind for p in st.peers], "trainer_digest": ss.state_digest(state),
+                "weight_version": llm.get_weight_version(), "status": llm.collective_rpc("sparsesync_status"),
+                "record": record(llm)}
+        out["steps"].append(step)
+    eng.shutdown()
+    out["calls"] = client.calls
+    return out
+
+
+def run_rpc(llm, spec: dict, res: dict) -> None:
+    """The worker-extension path (no weight_transfer_config): collective_rpc("sparsesync_init" / "sparsesync_update")
+    with the trainer of trainer.py pushing versions 1..3; version 3 asked before it was pushed is refused."""
+    def update(version: int, timeout: float) -> dict:
+        st = {"version": version}
+        t = time.perf_counter()
+        try:
+            st["status"] = llm.collective_rpc("sparsesync_update",
+                                              kwargs={"update_info": {"version": version, "timeout": timeout}})
+            st["ok"] = True
+        except Exception as exc:                  # noqa: BLE001
+            st["ok"] = False
+            st["error"] = f"{type(exc).__name__}: {exc}"
+            st["status"] = llm.collective_rpc("sparsesync_status")
+        st["update_s"] = round(time.perf_counter() - t, 3)
+        llm.reset_prefix_cache()
+        st["record"] = record(llm)
+        return st
+
+    res["has_registry_engine"] = llm.collective_rpc(_has_weight_transfer_engine)
+    st0 = llm.collective_rpc("sparsesync_init", kwargs={"init_info": {"listen": "tcp://127.0.0.1:0", "token": TOKEN,
+                                                                       "version": 0}})
+    res["status0"] = st0
+    tr = Trainer(spec["model"], [w["address"] for w in st0], spec["out"] + ".trainer.log")
+    steps = res["steps"] = []
+    try:
+        res["trainer_v0"] = tr.read()
+        for v in (1, 2):
+            p = tr.ask(cmd="push", version=v)
+            s = update(v, 60)
+            s["trainer"] = p
+            steps.append(s)
+        s = update(3, 1.0)                      # not pushed: refused within its timeout, version 2 kept
+        s["kind"] = "missing"
+        steps.append(s)
+        p = tr.ask(cmd="push", version=3)
+        s = update(3, 60)
+        s["trainer"] = p
+        steps.append(s)
+        res["final"] = tr.ask(cmd="save", dir=spec["final_dir"])
+    finally:
+        tr.close()
+    llm.collective_rpc("sparsesync_shutdown")
+
+
+def _has_weight_transfer_engine(worker) -> bool:
+    return getattr(worker, "weight_transfer_engine", None) is not None
 
 
 def main() -> int:
@@ -188,15 +308,19 @@ def main() -> int:
         from vllm import LLM
         res["import_s"] = round(time.perf_counter() - t, 2)
         kw = dict(ENGINE_KW)
-        if spec["mode"] == "update":
+        if spec["mode"] in ("update", "rpc"):
             from sparsesync.integrations.vllm import WORKER_EXTENSION
-            kw.update(weight_transfer_config={"backend": "sparsesync"}, worker_extension_cls=WORKER_EXTENSION)
+            kw.update(worker_extension_cls=WORKER_EXTENSION)
+        if spec["mode"] == "update":
+            kw.update(weight_transfer_config={"backend": "sparsesync"})
         t = time.perf_counter()
         llm = LLM(model=spec["model"], dtype=spec["dtype"], tensor_parallel_size=spec.get("tp", 1), **kw)
         res["startup_s"] = round(time.perf_counter() - t, 2)
         res["initial"] = record(llm)
         if spec["mode"] == "update":
             run_update(llm, spec, res)
+        elif spec["mode"] == "rpc":
+            run_rpc(llm, spec, res)
         res["rc"] = 0
     except BaseException as exc:     # noqa: BLE001 - reported in the result
         res["error"] = f"{type(exc).__name__}: {exc}"

@@ -15,6 +15,10 @@ trainer (tests/vllm_real/trainer.py) pushes versions 1..3 through ``Sender(diges
 3. a corrupted and a wrong-base version 3 are refused: ``update_weights`` raises within its timeout naming the
    receiver's refusal, the engine still produces version 2's logprobs bit for bit, and the correct version 3 then
    applies. A request for an older version than the one staged is refused clearly too.
+The llama_untied in-process case then runs the trainer side through vLLM's ``WeightTransferTrainerFactory``
+(``SparseSyncTrainerWeightTransferEngine.send_weights`` with an in-process client: versions 4 and 5 = the bytes of
+versions 2 and 3, digests and logprobs checked), and ``test_worker_extension_without_the_registry`` drives the same
+engine without ``weight_transfer_config`` through ``collective_rpc("sparsesync_init" / "sparsesync_update")``.
 bf16 is probed in a child process first (it dies with SIGILL on some Intel AMX hosts); float32 is the fallback.
 """
 from __future__ import annotations
@@ -118,8 +122,10 @@ def test_sparse_updates_exact_on_real_vllm(env, model, mp, tp):
     t0 = time.perf_counter()
     final_dir = root / f"{tag}-final"
     inject = mp == 0          # in-process: version 2's apply is made to fail half way (recovery from the mirror)
+    factory = (model, mp, tp) == ("llama_untied", 0, 1)     # + the trainer side through vLLM's trainer factory
     upd = run_child({"mode": "update", "model": env["models"][model], "dtype": dtype, "final_dir": str(final_dir),
-                     "refused_timeout": 3.0, "tp": tp, "inject_failure": inject}, root / f"{tag}-update.json", mp=mp)
+                     "refused_timeout": 3.0, "tp": tp, "inject_failure": inject, "factory": factory},
+                    root / f"{tag}-update.json", mp=mp)
     assert upd.get("rc") == 0, f"update engine failed: {upd.get('error')}\n{upd.get('traceback', '')}\n" \
                                f"{upd.get('log_tail', '')}"
     fresh = run_child({"mode": "fresh", "model": str(final_dir), "dtype": dtype, "tp": tp}, root / f"{tag}-fresh.json",
@@ -181,6 +187,8 @@ def test_sparse_updates_exact_on_real_vllm(env, model, mp, tp):
         assert "initialise again with version 3" in upd["reinit_wrong_version"], upd["reinit_wrong_version"]
     for w in upd["status_reinit"]:
         assert w["version"] == 3 and w["digest"] == v3["trainer"]["digest"] and w["address"], w
+    if factory:
+        check_trainer_factory(upd["factory"], v2, v3)
     ups = [w["last_update"] for s in (v1, v2, v3) for w in s["status"][:1]]
     RESULTS[tag] = {"injected_failure": inject, "wall_s": round(time.perf_counter() - t0, 1), "dtype": dtype, "startup_s": upd["startup_s"],
                     "fresh_startup_s": fresh["startup_s"], "init_s": upd["init_s"],
@@ -191,3 +199,63 @@ def test_sparse_updates_exact_on_real_vllm(env, model, mp, tp):
                     "changed_elements": [s["trainer"]["changed"] for s in (v1, v2, v3)],
                     "elements": upd["trainer_v0"]["elements"], "tensors": upd["trainer_v0"]["tensors"]}
     print(f"\n{tag}: {json.dumps(RESULTS[tag])}")
+
+
+def check_trainer_factory(f: dict, v2: dict, v3: dict) -> None:
+    """vLLM's WeightTransferTrainerFactory built our trainer engine (registered by the plugin), its trainer_init
+    initialised the engine side through the client, and send_weights pushed version 4 (= version 2's bytes) and
+    version 5 (= version 3's bytes) and applied them: digests equal, logprobs bit-equal to those versions'."""
+    assert f["registered"] and f["engine"] == "SparseSyncTrainerWeightTransferEngine", f
+    s4, s5 = f["steps"]
+    for s, ref in ((s4, v2), (s5, v3)):
+        assert s["ok"] and s["kinds"] == ["delta"], s
+        assert s["weight_version"] == str(s["version"])
+        assert [w["version"] for w in s["status"]] == [s["version"]]
+        assert s["status"][0]["digest"] == s["trainer_digest"] == ref["trainer"]["digest"]
+        assert s["record"]["plp"] == ref["record"]["plp"] and s["record"]["gen"] == ref["record"]["gen"]
+    assert (s4["version"], s5["version"]) == (4, 5)
+    assert f["calls"] == [["init", 3]] + [c for v in ("4", "5") for c in
+                                          (["start"], ["update", int(v)], ["finish", v], ["reset"])], f["calls"]
+    RESULTS["trainer_factory"] = {"send_s": [s4["send_s"], s5["send_s"]],
+                                  "apply_s": [s["status"][0]["last_update"]["apply_s"] for s in (s4, s5)]}
+    print(f"\ntrainer factory: {json.dumps(RESULTS['trainer_factory'])}")
+
+
+def test_worker_extension_without_the_registry(env):
+    """vLLM without weight_transfer_config (the path for vLLMs without the registry): the worker extension constructs
+    the same engine, collective_rpc("sparsesync_init" / "sparsesync_update") applies versions 1..3 exactly (digests;
+    logprobs and greedy tokens of a fresh version-3 engine), and a version never pushed is refused within its
+    timeout while version 2 keeps serving."""
+    root, dtype = env["root"], env["dtype"]
+    t0 = time.perf_counter()
+    final_dir = root / "rpc-final"
+    upd = run_child({"mode": "rpc", "model": env["models"]["llama_untied"], "dtype": dtype,
+                     "final_dir": str(final_dir)}, root / "rpc-update.json")
+    assert upd.get("rc") == 0, f"rpc engine failed: {upd.get('error')}\n{upd.get('traceback', '')}\n" \
+                               f"{upd.get('log_tail', '')}"
+    # the trainer's versions are deterministic: the same version 3 as the llama_untied-mp0-tp1 case, whose fresh
+    # version-3 engine is reused when that case ran (same bytes: checked by digest); otherwise start one
+    same = root / "llama_untied-mp0-tp1-update.json"
+    fresh_json = root / "llama_untied-mp0-tp1-fresh.json"
+    fresh = None
+    if same.exists() and fresh_json.exists():
+        other = json.loads(same.read_text()).get("final") or {}
+        if other.get("digest") == upd["final"]["digest"]:
+            fresh = json.loads(fresh_json.read_text())
+    if fresh is None:
+        fresh = run_child({"mode": "fresh", "model": str(final_dir), "dtype": dtype}, root / "rpc-fresh.json")
+    assert fresh.get("rc") == 0, fresh.get("log_tail")
+    assert upd["has_registry_engine"] == [False]
+    assert [w["digest"] for w in upd["status0"]] == [upd["trainer_v0"]["digest"]] and upd["status0"][0]["address"]
+    v1, v2, missing, v3 = upd["steps"]
+    for s in (v1, v2, v3):
+        assert s["ok"], s.get("error")
+        assert s["trainer"]["ok"] and s["trainer"]["kinds"] == ["delta"]
+        assert [(w["version"], w["digest"]) for w in s["status"]] == [(s["version"], s["trainer"]["digest"])]
+    assert not missing["ok"] and "version 3 did not arrive" in missing["error"], missing.get("error")
+    assert missing["update_s"] < 6 and [w["version"] for w in missing["status"]] == [2]
+    assert missing["record"]["plp"] == v2["record"]["plp"]
+    assert len({upd["initial"]["hash"], v1["record"]["hash"], v2["record"]["hash"], v3["record"]["hash"]}) == 4
+    assert v3["record"]["plp"] == fresh["initial"]["plp"] and v3["record"]["gen"] == fresh["initial"]["gen"]
+    RESULTS["rpc"] = {"wall_s": round(time.perf_counter() - t0, 1), "update_s": [s["update_s"] for s in upd["steps"]]}
+    print(f"\nrpc: {json.dumps(RESULTS['rpc'])}")

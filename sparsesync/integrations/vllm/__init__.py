@@ -18,6 +18,17 @@ Inference side::
 Trainer side: ``sparsesync.Sender([...], token=TOKEN, base=<the checkpoint's tensors>, base_version=0,
 digest=True).push(state, version=step)`` with ``state`` in checkpoint (Hugging Face) names.
 
+Or through vLLM's trainer factory (``register`` also registers the trainer side):
+``WeightTransferTrainerFactory.trainer_init(SparseSyncTrainerInitInfo(peers=[...], token=TOKEN, base_version=0,
+base_checkpoint=CKPT, rank=0), client=client).send_weights(model, version=step)`` pushes and then drives
+``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` through the client
+(:mod:`sparsesync.integrations.vllm.trainer`).
+
+vLLMs without the weight-transfer registry: ``LLM(..., worker_extension_cls=WORKER_EXTENSION)`` and
+``llm.collective_rpc("sparsesync_init", kwargs={"init_info": {...}})`` /
+``llm.collective_rpc("sparsesync_update", kwargs={"update_info": {...}})`` run the same engine
+(:mod:`sparsesync.integrations.vllm.worker`).
+
 See :mod:`sparsesync.integrations.vllm.engine` for the init/update keys and what the backend guarantees.
 """
 from __future__ import annotations
@@ -27,11 +38,13 @@ import logging
 BACKEND = "sparsesync"
 ENGINE_MODULE = "sparsesync.integrations.vllm.engine"
 ENGINE_CLASS = "SparseSyncWeightTransferEngine"
+TRAINER_MODULE = "sparsesync.integrations.vllm.trainer"
+TRAINER_CLASS = "SparseSyncTrainerWeightTransferEngine"
 WORKER_EXTENSION = "sparsesync.integrations.vllm.worker.SparseSyncWorkerExtension"
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKEND", "WORKER_EXTENSION", "WeightUpdateError", "register"]
+__all__ = ["BACKEND", "WORKER_EXTENSION", "WeightUpdateError", "register"]   # trainer side: .trainer (imports vLLM)
 
 
 class WeightUpdateError(RuntimeError):
@@ -41,21 +54,33 @@ class WeightUpdateError(RuntimeError):
 
 
 def register() -> None:
-    """Register the ``sparsesync`` weight-transfer backend with vLLM's ``WeightTransferEngineFactory``.
+    """Register the ``sparsesync`` backend with vLLM's ``WeightTransferEngineFactory`` (engine side) and
+    ``WeightTransferTrainerFactory`` (trainer side).
 
     Called by vLLM's plugin loader (``vllm.general_plugins``), possibly several times and in several processes; it
-    is idempotent. Registration is by module path, so the engine module is imported only when an engine is created.
+    is idempotent. Registration is by module path, so the engine / trainer modules are imported only when vLLM
+    creates one. A vLLM without the registry gets a warning (use the worker extension, :data:`WORKER_EXTENSION`); a
+    vLLM with the engine registry but no trainer registry gets the engine side only.
     """
     try:
-        from vllm.distributed.weight_transfer import WeightTransferEngineFactory
-    except ImportError as exc:       # a vLLM without the weight-transfer registry (< 0.2x)
+        from vllm.distributed import weight_transfer as wt
+        engines = wt.WeightTransferEngineFactory
+    except (ImportError, AttributeError) as exc:       # a vLLM without the weight-transfer registry (< 0.2x)
         log.warning("sparsesync: this vLLM has no WeightTransferEngineFactory (%s); the 'sparsesync' backend is "
-                    "not available", exc)
+                    "not available: use worker_extension_cls=%r and collective_rpc('sparsesync_init' / "
+                    "'sparsesync_update') instead", exc, WORKER_EXTENSION)
         return
-    registry = getattr(WeightTransferEngineFactory, "_registry", None)
+    _register(engines, ENGINE_MODULE, ENGINE_CLASS)
+    trainers = getattr(wt, "WeightTransferTrainerFactory", None)
+    if trainers is not None:
+        _register(trainers, TRAINER_MODULE, TRAINER_CLASS)
+
+
+def _register(factory, module: str, cls: str) -> None:
+    registry = getattr(factory, "_registry", None)
     if isinstance(registry, dict) and BACKEND in registry:
         return
     try:
-        WeightTransferEngineFactory.register_engine(BACKEND, ENGINE_MODULE, ENGINE_CLASS)
-    except ValueError:               # registered meanwhile (the factory refuses duplicates)
+        factory.register_engine(BACKEND, module, cls)
+    except ValueError:               # registered meanwhile (the factories refuse duplicates)
         pass

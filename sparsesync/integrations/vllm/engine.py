@@ -42,11 +42,16 @@ import time
 from dataclasses import dataclass
 
 import torch
-from vllm.distributed.weight_transfer.base import (
-    WeightTransferEngine,
-    WeightTransferInitInfo,
-    WeightTransferUpdateInfo,
-)
+try:
+    from vllm.distributed.weight_transfer.base import (
+        WeightTransferEngine,
+        WeightTransferInitInfo,
+        WeightTransferUpdateInfo,
+    )
+except ImportError:     # a vLLM without the weight-transfer registry: the worker extension constructs the engine
+    from .worker import _WeightTransferEngine as WeightTransferEngine
+    from .worker import _Info as WeightTransferInitInfo
+    from .worker import _Info as WeightTransferUpdateInfo
 
 from ... import state_digest
 from ...errors import InvalidArgument
