@@ -234,8 +234,10 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
 
     # -- internals --------------------------------------------------------------------------------------------------
     def _on_commit(self, version: int, stats) -> None:
-        """Runs on the receiver thread, with the receiver's commit lock held: note what changed."""
+        """Runs on the receiver thread, with the receiver's commit lock held: note what changed, and hash the mirror
+        now (off the engine's pause; the mirror cannot change until the next commit)."""
         self._dirty.update(stats.tensors)
+        self._committed_digest = (version, state_digest(self.mirror))
         self._commits[version] = bool(getattr(stats, "digest_verified", False))
         if len(self._commits) > 64:
             for v in sorted(self._commits)[:-64]:
@@ -329,7 +331,8 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                 self.broken = None
                 self.version = held
                 t2 = time.perf_counter()
-                self.digest = state_digest(self.mirror)
+                cached = getattr(self, "_committed_digest", None)
+                self.digest = cached[1] if cached is not None and cached[0] == held else state_digest(self.mirror)
                 digest_s = time.perf_counter() - t2
             problems = _agree(failure)
             if problems:
