@@ -539,7 +539,8 @@ class ApplyStats:
     ``kind``: ``"delta"`` or ``"full"``; ``buckets`` / ``wire_bytes``: what was received; ``changed``: elements
     written; ``decode_seconds`` / ``apply_seconds``: time spent verifying and staging / writing; ``digest_verified``:
     the state digest was recomputed and matched the encoder's; ``tensors``: names of the tensors the update wrote
-    (in update order), for engines that mirror the state elsewhere.
+    (in update order), for engines that mirror the state elsewhere; ``digest``: the state digest after applying
+    when it was verified (``digest_verified``), else None, so callers need not hash the state again.
     """
     base_version: int | None
     version: int
@@ -552,6 +553,7 @@ class ApplyStats:
     kind: str = "delta"
     previous_version: int | None = None
     tensors: tuple = ()
+    digest: str | None = None
 
 
 @dataclass
@@ -951,7 +953,8 @@ class Decoder:
                                      changed=p.changed, decode_seconds=p.decode_seconds,
                                      apply_seconds=time.perf_counter() - t0, digest_verified=verify, kind=kind,
                                      previous_version=previous,
-                                     tensors=tuple(dict.fromkeys(name for name, *_ in p.staged)))
+                                     tensors=tuple(dict.fromkeys(name for name, *_ in p.staged)),
+                                     digest=digest if verify else None)
         if kind == "full":
             if h0.ver < previous:
                 log.warning("full update rolled this decoder back from version %d to version %d (allow_rollback)",

@@ -437,6 +437,8 @@ class Receiver:
                         self.decoder.version = dec.version
                         self.decoder.last_stats = dec.last_stats
                         self._generation += 1
+                        if dec.last_stats.digest is not None:     # verified while committing: no second pass
+                            self._digest_cache = (dec.version, self._generation, dec.last_stats.digest)
                         if self.on_commit is not None:
                             try:
                                 self.on_commit(dec.version, dec.last_stats)

@@ -453,3 +453,16 @@ def test_a_failing_callback_does_not_drop_the_connection(receivers):
         st = s.push(step_state(step_state(base, 1), 2), 2)
         assert st.ok and st.peers[0].kind == "delta" and st.peers[0].attempts == 1   # same connection, no retry
     assert any("callback bug" in e for e in r.errors)
+
+
+def test_verified_digest_is_reused_not_recomputed(receivers, monkeypatch):
+    base = make_state(27)
+    seen = []
+    r = receivers(clone(base), on_commit=lambda v, st: seen.append(st.digest))
+    v1 = step_state(base, 1)
+    with Sender([r.address], token=TOKEN, base=base, base_version=0, progress=False, digest=True) as s:
+        assert s.push(v1, 1).ok
+    assert seen == [ss.state_digest(v1)]
+    import sparsesync.session as session
+    monkeypatch.setattr(session, "state_digest", lambda st: pytest.fail("digest computed twice"))
+    assert r.digest() == ss.state_digest(v1)             # from the commit's verification, no new pass

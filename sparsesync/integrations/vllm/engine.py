@@ -237,7 +237,8 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
         """Runs on the receiver thread, with the receiver's commit lock held: note what changed, and hash the mirror
         now (off the engine's pause; the mirror cannot change until the next commit)."""
         self._dirty.update(stats.tensors)
-        self._committed_digest = (version, state_digest(self.mirror))
+        # the receiver's decoder verified (and so computed) it when the update carried a digest
+        self._committed_digest = (version, stats.digest if stats.digest is not None else state_digest(self.mirror))
         self._commits[version] = bool(getattr(stats, "digest_verified", False))
         if len(self._commits) > 64:
             for v in sorted(self._commits)[:-64]:
