@@ -56,7 +56,7 @@ from sparsesync import kernels  # noqa: E402
 from sparsesync.netbench import machine  # noqa: E402
 from sparsesync.codec import Decoder, Encoder, full_update  # noqa: E402
 from sparsesync.errors import SparseSyncError  # noqa: E402
-from sparsesync.format import HEADER_SEED, MAGIC, PREAMBLE, update_uid  # noqa: E402
+from sparsesync.format import HEADER_SEED, MAGIC, PREAMBLE, _put_varint, update_uid  # noqa: E402
 from sparsesync.reference import read_varint  # noqa: E402
 
 SCRATCH = Path(tempfile.gettempdir()) / "sparsesync-fuzz"
@@ -327,10 +327,7 @@ def _nc_pack(obj, rng: random.Random, p: float) -> bytes:
 
 def _varint(v: int) -> bytes:
     out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
+    _put_varint(out, v)           # the format's own (canonical) writer
     return bytes(out)
 
 
