@@ -9,7 +9,6 @@ constexpr uint64_t K0 = 0x9E3779B97F4A7C15ull;
 constexpr uint64_t K1 = 0xBF58476D1CE4E5B9ull;
 constexpr uint64_t K2 = 0x94D049BB133111EBull;
 constexpr uint64_t K3 = 0xD6E8FEB86659FD93ull;
-constexpr uint64_t kLeafBytes = 4096;
 constexpr uint64_t kTreeSeed = 0x5353594E43ull;
 
 SS_INLINE uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
@@ -65,24 +64,24 @@ uint64_t h64(const uint8_t* data, uint64_t len, uint64_t seed) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-__attribute__((target("avx512f,avx512dq"))) static void leaves8_avx512(const uint8_t* data, uint64_t first_leaf,
-                                                                         uint64_t* out) {
+// 8 full leaves at any addresses: leaf l is the 4096 bytes at src[l], hashed with seed seeds[l].
+__attribute__((target("avx512f,avx512dq"))) static void leaves8_avx512_at(const uint8_t* const* src,
+                                                                            const uint64_t* seeds, uint64_t* out) {
   const __m512i k1 = _mm512_set1_epi64((long long)K1);
   const __m512i k3 = _mm512_set1_epi64((long long)K3);
   const __m512i jk0 = _mm512_set_epi64((long long)(4 * K0), (long long)(3 * K0), (long long)(2 * K0), (long long)K0,
                                        (long long)(4 * K0), (long long)(3 * K0), (long long)(2 * K0), (long long)K0);
   __m512i acc[4];
   for (int p = 0; p < 4; ++p) {
-    uint64_t sa = first_leaf + 2 * p, sb = sa + 1;
+    uint64_t sa = seeds[2 * p], sb = seeds[2 * p + 1];
     __m512i seeds = _mm512_set_epi64((long long)sb, (long long)sb, (long long)sb, (long long)sb, (long long)sa,
                                      (long long)sa, (long long)sa, (long long)sa);
     acc[p] = _mm512_add_epi64(seeds, jk0);
   }
   for (uint64_t off = 0; off < kLeafBytes; off += 32) {
     for (int p = 0; p < 4; ++p) {
-      const uint8_t* a = data + (2 * p) * kLeafBytes + off;
-      __m256i wa = _mm256_loadu_si256((const __m256i*)a);
-      __m256i wb = _mm256_loadu_si256((const __m256i*)(a + kLeafBytes));
+      __m256i wa = _mm256_loadu_si256((const __m256i*)(src[2 * p] + off));
+      __m256i wb = _mm256_loadu_si256((const __m256i*)(src[2 * p + 1] + off));
       __m512i w = _mm512_inserti64x4(_mm512_zextsi256_si512(wa), wb, 1);
       __m512i x = _mm512_add_epi64(acc[p], _mm512_mullo_epi64(w, k3));
       acc[p] = _mm512_mullo_epi64(_mm512_rol_epi64(x, 27), k1);
@@ -91,11 +90,21 @@ __attribute__((target("avx512f,avx512dq"))) static void leaves8_avx512(const uin
   alignas(64) uint64_t lanes[32];
   for (int p = 0; p < 4; ++p) _mm512_store_si512((__m512i*)(lanes + 8 * p), acc[p]);
   for (int l = 0; l < 8; ++l) {
-    uint64_t seed = first_leaf + l;
+    uint64_t seed = seeds[l];
     uint64_t h = seed ^ (kLeafBytes * K0);
     for (int j = 0; j < 4; ++j) h = mix(h ^ lanes[4 * l + j]);
     out[l] = h;
   }
+}
+
+static void leaves8_avx512(const uint8_t* data, uint64_t first_leaf, uint64_t* out) {
+  const uint8_t* src[8];
+  uint64_t seeds[8];
+  for (int l = 0; l < 8; ++l) {
+    src[l] = data + l * kLeafBytes;
+    seeds[l] = first_leaf + l;
+  }
+  leaves8_avx512_at(src, seeds, out);
 }
 
 #pragma GCC diagnostic pop
@@ -114,7 +123,7 @@ static std::atomic<int> g_simd_cap(0);
 static inline int simd_level() { return std::min(g_simd_available, g_simd_cap.load(std::memory_order_relaxed)); }
 
 // Hashes leaves [b, e) of data (length len) into out[b..e).
-static void hash_leaves(const uint8_t* data, uint64_t len, uint64_t b, uint64_t e, uint8_t* out) {
+void hash_leaves(const uint8_t* data, uint64_t len, uint64_t b, uint64_t e, uint8_t* out) {
   uint64_t i = b;
 #ifdef SS_HAVE_AVX512_PATH
   if (simd_level() >= 1) {
@@ -133,6 +142,15 @@ static void hash_leaves(const uint8_t* data, uint64_t len, uint64_t b, uint64_t 
   }
 }
 
+void hash_full_leaves(const uint8_t* const* src, const uint64_t* seeds, int count, uint64_t* out) {
+  int i = 0;
+#ifdef SS_HAVE_AVX512_PATH
+  if (simd_level() >= 1)
+    for (; i + 8 <= count; i += 8) leaves8_avx512_at(src + i, seeds + i, out + i);
+#endif
+  for (; i < count; ++i) out[i] = h64(src[i], kLeafBytes, seeds[i]);
+}
+
 uint64_t tree64(const uint8_t* data, uint64_t len, int nthreads) {
   uint64_t nleaves = len == 0 ? 1 : (len + kLeafBytes - 1) / kLeafBytes;
   std::vector<uint8_t> leaves((size_t)(nleaves * 8));
@@ -146,6 +164,10 @@ uint64_t tree64(const uint8_t* data, uint64_t len, int nthreads) {
     hash_leaves(data, len, b, e, out);
   });
   return h64(out, nleaves * 8, len ^ kTreeSeed);
+}
+
+uint64_t tree64_top(const uint8_t* leaves, uint64_t nleaves, uint64_t len) {
+  return h64(leaves, nleaves * 8, len ^ kTreeSeed);
 }
 
 int simd(int max_level) {

@@ -84,6 +84,81 @@ int ss_cuda_compiled(void);
  * Returns the level now in use. */
 int ss_simd(int max_level);
 
+/* ------------------------------------------------------------------------------------------------------------------
+ * Format version 2 (FORMAT.md 6): kernels on spaces.
+ *
+ * A space (all tensors of one dtype in sorted name order, FORMAT.md 6.1) is passed as pieces: `ptrs[t]` is the address
+ * of piece t, which holds space elements [offs[t], offs[t+1]) (offs has npieces + 1 entries, offs[0] = 0,
+ * non-decreasing; N = offs[npieces]). Two spaces passed together (old and new) share offs. kb = key bits of the dtype
+ * (FORMAT.md 6.3: 8 bfloat16/float32/float64, 5 float16/float8_e5m2, 4 float8_e4m3fn, 0 others); cuts are ncuts
+ * int64 values, K = ncuts + 1 classes (K <= 32). A virtual element is located by binary search on offs (one per
+ * chunk or thread range; sequential walks keep a cursor), so the number of pieces costs nearly nothing.
+ * Mode 0 = delta, 1 = raw, 2 = delta deferred (ss2_decode only, as in ss_decode).
+ * ------------------------------------------------------------------------------------------------------------------ */
+
+/* Pass 1 of encoding over a whole space. counts[b] = changed elements in fine block [b*4096, (b+1)*4096) of the space
+ * (ceil(N/4096) entries); hist[key*256 + s] = changed elements whose OLD value has key `key` and whose value symbol
+ * (FORMAT.md 4.2) is s (2^kb x 256 entries, 1 x 256 when kb = 0); keys[key] = ALL elements with that OLD key, counted
+ * only in fine blocks b with b % 16 == 0 (2^kb entries, 1 when kb = 0); pieces[t] (if not NULL, npieces entries)
+ * = changed elements in piece t. hist, keys and pieces are overwritten. Mode 2 counts as mode 0.
+ * Returns the number of changed elements (>= 0) or a negative error. */
+int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces, int w,
+                 int kb, int mode, uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces, int nthreads);
+
+/* Pass 2 of encoding: one sparse segment of FORMAT.md 6.2-6.4 over space elements [start, end) (chunks of 2^log2c
+ * from start). freqs: K x 256 tables (class c's table at freqs + 256*c; only present classes' tables are used and
+ * must sum to 4096). Classes are taken from old. Writes the chunk table / streams (capacities table_cap, data_cap;
+ * sizes in *table_len / *data_len, also when the capacity is too small: SS_ECOUNT, nothing else changed),
+ * ks_out[c] = class c's Rice parameter (FORMAT.md 6.4 rule) or -1 when no element of class c changes,
+ * *values_hash, *nchanged. update_old != 0: afterwards old holds the new bit pattern at every changed element
+ * (written only on success). Returns 0, SS_EARG, SS_ECOUNT, SS_ERANS (a changed element's symbol has frequency 0 in
+ * its class's table, or a present class's table is invalid) or SS_ENOMEM. */
+int ss2_encode(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces, int w,
+               int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts, int ncuts,
+               const uint32_t* freqs, uint8_t* table_out, int64_t table_cap, int64_t* table_len, uint8_t* data_out,
+               int64_t data_cap, int64_t* data_len, int32_t* ks_out, uint64_t* values_hash, int64_t* nchanged,
+               int update_old, int nthreads);
+
+/* Decodes one sparse segment of FORMAT.md 6 (seg = table_len bytes of chunk table, then the streams) over space
+ * elements [start, end) and enforces every rule of FORMAT.md 4.4 and 6.5. ks[c] = class c's Rice parameter or -1
+ * (class absent, `nil`); freqs as ss2_encode. Outputs nchanged entries: idx_out (space indices, position order) and
+ * val_out (w bytes each: new bit patterns, or the differences in mode 2). old (only read) gives the delta base and,
+ * when ncuts > 0, every element's class (all elements of [start, end) in chunks with changes are read).
+ * Modes 0 and 1 check values_hash (SS_EHASH). Nothing outside idx_out / val_out is written. Errors: SS_EARG (arguments,
+ * cuts), SS_ETABLE (table, k > log2c, no present class), SS_ERANS (a class's table, rANS final state), SS_ESTREAM,
+ * SS_EPOS (a gap past the end of its chunk, a final gap not ending at the chunk end), SS_ECOUNT (counts: sum of n,
+ * nchanged < 1, changes found in a chunk != n), SS_EHASH. */
+int ss2_decode(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint64_t* old_ptrs, const int64_t* offs,
+               int64_t npieces, int w, int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts,
+               int ncuts, const int32_t* ks, const uint32_t* freqs, int64_t nchanged, uint64_t expected_hash,
+               int64_t* idx_out, uint8_t* val_out, int nthreads);
+
+/* dst[idx[i]] = vals[i] (space indices in any order). touched (NULL or npieces bytes): set to 1 for every piece
+ * written. Checks every idx in [0, N) first; on a bad index returns SS_EPOS and writes nothing. */
+int ss2_scatter(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx,
+                const uint8_t* vals, int64_t count, uint8_t* touched, int nthreads);
+
+/* dst[idx[i]] += d[i] (or -= when negate != 0) modulo 2^(8w); new_out[i] (if not NULL) receives the result.
+ * touched and index checks as ss2_scatter. */
+int ss2_add_scatter(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx,
+                    const uint8_t* d, uint8_t* new_out, int64_t count, int negate, uint8_t* touched, int nthreads);
+
+/* out[i] = src[idx[i]] (w bytes each). Checks every idx in [0, N) first (SS_EPOS, nothing written). */
+int ss2_take(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx, uint8_t* out,
+             int64_t count, int nthreads);
+
+/* out = the bytes of space elements [start, end) ((end-start)*w bytes). */
+int ss2_gather(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, int64_t start, int64_t end,
+               uint8_t* out, int nthreads);
+
+/* Space elements [start, end) = data ((end-start)*w bytes); touched as ss2_scatter. */
+int ss2_put(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, int64_t start, int64_t end,
+            const uint8_t* data, uint8_t* touched, int nthreads);
+
+/* out[i] = tree64 (FORMAT.md 1.2) of the lens[i] bytes at ptrs[i] (lens[i] = 0 allowed), for count buffers; all
+ * leaves of all buffers are hashed in parallel. */
+int ss2_tree64_many(const uint64_t* ptrs, const uint64_t* lens, int64_t count, uint64_t* out, int nthreads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -32,6 +32,7 @@
 namespace ss {
 
 constexpr int64_t kFineBlock = 4096;   // elements per fine block of ss_scan
+constexpr uint64_t kLeafBytes = 4096;  // tree64 leaf size
 constexpr uint32_t kRansL = 1u << 23;  // rANS lower bound
 constexpr int kProbBits = 12;          // rANS probability scale
 constexpr uint32_t kProbScale = 1u << kProbBits;
@@ -222,6 +223,12 @@ SS_INLINE int plan_threads(int nthreads, int64_t ntasks, int64_t total_work, int
 uint64_t h64(const uint8_t* data, uint64_t len, uint64_t seed);
 uint64_t tree64(const uint8_t* data, uint64_t len, int nthreads);
 uint64_t tree64_serial(const uint8_t* data, uint64_t len);
+// tree64 in two steps (for many buffers at once): leaf hashes of leaves [b, e) of data (length len) into
+// out[8*b .. 8*e) (u64 LE each), then the top level over a buffer's nleaves leaf hashes.
+void hash_leaves(const uint8_t* data, uint64_t len, uint64_t b, uint64_t e, uint8_t* out);
+uint64_t tree64_top(const uint8_t* leaves, uint64_t nleaves, uint64_t len);
+// out[i] = h64 of the full leaf (4096 bytes) at src[i] with seed seeds[i], 8 at a time with AVX-512.
+void hash_full_leaves(const uint8_t* const* src, const uint64_t* seeds, int count, uint64_t* out);
 int simd(int max_level);
 
 }  // namespace ss

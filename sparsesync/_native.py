@@ -50,6 +50,33 @@ _SIGNATURES = {
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]),
     "ss_scatter": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int]),
+    # format 2 (spaces: ptrs, offs, npieces)
+    "ss2_scan": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int]),
+    "ss2_encode": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                  _c_i64p, ctypes.c_void_p, ctypes.c_int64, _c_i64p, ctypes.c_void_p, _c_u64p,
+                                  _c_i64p, ctypes.c_int, ctypes.c_int]),
+    "ss2_decode": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_int]),
+    "ss2_scatter": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+    "ss2_add_scatter": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                       ctypes.c_void_p, ctypes.c_int]),
+    "ss2_take": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]),
+    "ss2_gather": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]),
+    "ss2_put": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]),
+    "ss2_tree64_many": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_int]),
 }
 
 
@@ -186,3 +213,215 @@ def add_scatter(dst: torch.Tensor, w: int, idx: torch.Tensor, d: torch.Tensor, n
     rc = lib.ss_add_scatter(_ptr(dst), n, w, _ptr(idx), _ptr(d), _ptr(new_out) if new_out is not None else None,
                             idx.numel(), int(bool(negate)), config.threads())
     _check(rc, "ss_add_scatter")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# format 2 (FORMAT.md §6): kernels on spaces (sparsesync.space.Space). Signatures: docs/notes/format2.md.
+
+def _space_args(sp):
+    """(ptrs address, offs address, npieces, keepalive) of a Space."""
+    ptrs = np.ascontiguousarray(sp.ptrs, dtype=np.uint64)
+    offs = np.ascontiguousarray(sp.offs, dtype=np.int64)
+    if offs.shape != (ptrs.size + 1,):
+        raise KernelError(-1, "space: offs must have len(ptrs) + 1 entries")
+    return ptrs.ctypes.data, offs.ctypes.data, ptrs.size, (ptrs, offs)
+
+
+def _check_pair(old, new) -> None:
+    if old.w != new.w or old.n != new.n or not np.array_equal(old.offs, new.offs):
+        raise KernelError(-1, "old and new spaces have different layouts")
+
+
+def _cuts_arg(cuts):
+    arr = np.ascontiguousarray(np.asarray(list(cuts), dtype=np.int64))
+    return arr, (arr.ctypes.data if arr.size else None), int(arr.size)
+
+
+def _freqs_arg(freqs, k: int):
+    f = np.ascontiguousarray(freqs, dtype=np.uint32)
+    if f.shape != (k, 256):
+        raise KernelError(-5, f"symbol tables must have shape ({k}, 256), got {f.shape}")
+    return f
+
+
+def _idx_arg(idx: torch.Tensor) -> torch.Tensor:
+    if idx.dtype != torch.int64 or idx.device.type != "cpu":
+        raise KernelError(-1, "indices must be a CPU int64 tensor")
+    return idx.reshape(-1).contiguous()
+
+
+def _u8_arg(t: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.device.type != "cpu":
+        raise KernelError(-1, f"{what} must be a CPU uint8 tensor")
+    t = t.reshape(-1).contiguous()
+    if t.numel() != nbytes:
+        raise KernelError(-1, f"{what} has {t.numel()} bytes, expected {nbytes}")
+    return t
+
+
+def _touched_arg(touched, sp):
+    if touched is None:
+        return None
+    if not (isinstance(touched, np.ndarray) and touched.dtype == np.uint8 and touched.ndim == 1
+            and touched.size == len(sp.names) and touched.flags.c_contiguous and touched.flags.writeable):
+        raise KernelError(-1, "touched must be a writable np.uint8 array with one entry per tensor of the space")
+    return touched.ctypes.data
+
+
+def scan2(old, new, mode: int):
+    _check_pair(old, new)
+    op, offs, npc, _k1 = _space_args(old)
+    nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
+    nkeys = 1 << old.kb if old.kb else 1
+    counts = np.zeros(-(-old.n // 4096), dtype=np.uint32)
+    hist = np.zeros((nkeys, 256), dtype=np.uint64)
+    keys = np.zeros(nkeys, dtype=np.uint64)
+    pieces = np.zeros(npc, dtype=np.int64)
+    total = lib.ss2_scan(op, nptr.ctypes.data, offs, npc, old.w, old.kb, mode, counts.ctypes.data, hist.ctypes.data,
+                         keys.ctypes.data, pieces.ctypes.data, config.threads())
+    _check(total, "ss2_scan")
+    return counts, hist, keys, int(total), pieces
+
+
+def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
+            nchanged_hint: int | None = None):
+    _check_pair(old, new)
+    op, offs, npc, _k1 = _space_args(old)
+    nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
+    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
+    K = ncuts + 1
+    f = _freqs_arg(freqs, K)
+    w = old.w
+    C = 1 << log2c
+    nch = max(0, -(-(end - start) // C))
+    hint = (end - start) if nchanged_hint is None else max(0, min(int(nchanged_hint), end - start))
+    # bounds of csrc/format2.cpp: every coded gap costs <= log2c+2 bits at the chosen k (at most one gap per change
+    # plus one per class and chunk), extra bits <= 8w per change, rANS <= 2 bytes per change + 4 per chunk
+    gaps = hint + K * min(nch, max(hint, 1))
+    data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
+    table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
+    ks = np.zeros(K, dtype=np.int32)
+    tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+    vh = ctypes.c_uint64()
+    for _attempt in range(2):
+        table = np.empty(table_cap, dtype=np.uint8)
+        data = np.empty(data_cap, dtype=np.uint8)
+        rc = lib.ss2_encode(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
+                            f.ctypes.data, table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data,
+                            data_cap, ctypes.byref(dlen), ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out),
+                            int(bool(update_old)), config.threads())
+        if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
+            table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)  # the hint was too small
+            continue
+        break
+    _check(rc, "ss2_encode")
+    return (table[: tlen.value].tobytes(), data[: dlen.value].tobytes(),
+            [None if k < 0 else int(k) for k in ks.tolist()], int(vh.value), int(nch_out.value))
+
+
+def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks, freqs, nchanged: int,
+            expected_hash: int, idx_out: torch.Tensor | None = None, val_out: torch.Tensor | None = None):
+    op, offs, npc, _k1 = _space_args(old)
+    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
+    K = ncuts + 1
+    if len(ks) != K:
+        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
+    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
+    if (ks_arr < -1).any():
+        raise KernelError(-2, "negative Rice parameter")
+    f = _freqs_arg(freqs, K)
+    p, seg_len, _keep = _bufptr(seg)
+    w = old.w
+    if nchanged < 0:
+        raise KernelError(-6, "negative nchanged")
+    idx = torch.empty(nchanged, dtype=torch.int64) if idx_out is None else idx_out
+    vals = torch.empty(nchanged * w, dtype=torch.uint8) if val_out is None else val_out
+    if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()) \
+            or idx.dtype != torch.int64 or vals.dtype != torch.uint8:
+        raise KernelError(-1, "output buffers have the wrong size or type")
+    rc = lib.ss2_decode(p, seg_len, table_len, op, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
+                        ks_arr.ctypes.data, f.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF,
+                        _ptr(idx) if nchanged else None, _ptr(vals) if nchanged else None, config.threads())
+    _check(rc, "ss2_decode")
+    return idx, vals
+
+
+def scatter2(dst, idx: torch.Tensor, vals: torch.Tensor, touched: np.ndarray | None = None) -> None:
+    ptrs, offs, npc, _k = _space_args(dst)
+    idx = _idx_arg(idx)
+    vals = _u8_arg(vals, idx.numel() * dst.w, "vals")
+    rc = lib.ss2_scatter(ptrs, offs, npc, dst.w, _ptr(idx), _ptr(vals), idx.numel(), _touched_arg(touched, dst),
+                         config.threads())
+    _check(rc, "ss2_scatter")
+
+
+def add_scatter2(dst, idx: torch.Tensor, d: torch.Tensor, new_out: torch.Tensor | None = None, negate: bool = False,
+                 touched: np.ndarray | None = None) -> None:
+    ptrs, offs, npc, _k = _space_args(dst)
+    idx = _idx_arg(idx)
+    d = _u8_arg(d, idx.numel() * dst.w, "d")
+    if new_out is not None and (new_out.numel() != idx.numel() * dst.w or not new_out.is_contiguous()
+                                or new_out.dtype != torch.uint8):
+        raise KernelError(-1, "new_out has the wrong size")
+    rc = lib.ss2_add_scatter(ptrs, offs, npc, dst.w, _ptr(idx), _ptr(d),
+                             _ptr(new_out) if new_out is not None else None, idx.numel(), int(bool(negate)),
+                             _touched_arg(touched, dst), config.threads())
+    _check(rc, "ss2_add_scatter")
+
+
+def gather2(src, start: int, end: int) -> torch.Tensor:
+    ptrs, offs, npc, _k = _space_args(src)
+    if not (0 <= start <= end <= src.n):
+        raise KernelError(-1, f"range [{start}, {end}) outside the space ({src.n} elements)")
+    out = torch.empty((end - start) * src.w, dtype=torch.uint8)
+    rc = lib.ss2_gather(ptrs, offs, npc, src.w, start, end, _ptr(out) if out.numel() else None, config.threads())
+    _check(rc, "ss2_gather")
+    return out
+
+
+def put2(dst, start: int, end: int, data, touched: np.ndarray | None = None) -> None:
+    ptrs, offs, npc, _k = _space_args(dst)
+    if not (0 <= start <= end <= dst.n):
+        raise KernelError(-1, f"range [{start}, {end}) outside the space ({dst.n} elements)")
+    if isinstance(data, torch.Tensor):
+        data = _u8_arg(data, (end - start) * dst.w, "data")
+        p, nbytes, keep = data.data_ptr(), data.numel(), data
+    else:
+        p, nbytes, keep = _bufptr(data)
+    if nbytes != (end - start) * dst.w:
+        raise KernelError(-1, f"data has {nbytes} bytes, expected {(end - start) * dst.w}")
+    rc = lib.ss2_put(ptrs, offs, npc, dst.w, start, end, p if nbytes else None, _touched_arg(touched, dst),
+                     config.threads())
+    del keep
+    _check(rc, "ss2_put")
+
+
+def take2(src, idx: torch.Tensor) -> torch.Tensor:
+    ptrs, offs, npc, _k = _space_args(src)
+    idx = _idx_arg(idx)
+    out = torch.empty(idx.numel() * src.w, dtype=torch.uint8)
+    rc = lib.ss2_take(ptrs, offs, npc, src.w, _ptr(idx), _ptr(out) if out.numel() else None, idx.numel(),
+                      config.threads())
+    _check(rc, "ss2_take")
+    return out
+
+
+def tree64_many(tensors: list[torch.Tensor], ptrs: np.ndarray | None = None,
+                nbytes: np.ndarray | None = None) -> np.ndarray:
+    """tree64 of each tensor. ``ptrs``/``nbytes`` (uint64, one per tensor): the caller already knows the contiguous
+    tensors' addresses and sizes (saves a Python pass over tens of thousands of tensors)."""
+    count = len(tensors)
+    out = np.zeros(count, dtype=np.uint64)
+    if not count:
+        return out
+    keep = tensors
+    if ptrs is None or nbytes is None or len(ptrs) != count or len(nbytes) != count:
+        if not all(t.is_contiguous() for t in tensors):
+            keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        ptrs = np.fromiter((t.data_ptr() for t in keep), dtype=np.uint64, count=count)
+        nbytes = np.array([t.nbytes for t in keep], dtype=np.uint64)
+    ptrs = np.ascontiguousarray(ptrs, dtype=np.uint64)
+    lens = np.ascontiguousarray(nbytes, dtype=np.uint64)
+    rc = lib.ss2_tree64_many(ptrs.ctypes.data, lens.ctypes.data, count, out.ctypes.data, config.threads())
+    _check(rc, "ss2_tree64_many")
+    return out

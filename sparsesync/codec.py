@@ -7,8 +7,10 @@ decoder's tensors and version nor the encoder's snapshot and version. Decisions 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,12 +20,14 @@ import numpy as np
 import torch
 
 from . import config
-from .digest import layout_digest, state_digest
+from .digest import DigestPlan, layout_digest
 from .dtypes import BY_NAME, byte_view, check_tensor, compare_layouts, name_of, width
 from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType, LayoutMismatch, RollbackRefused,
                      SparseSyncError, VersionConflict, VersionMismatch)
-from .format import (VALUE_MODES, Header, Segment, build_freq, entropy_bits, header_hash, pack_bucket, pack_freq,
-                     parse_bucket, rice_bits, unpack_freq, update_uid)
+from .format import (FORMATS, VALUE_MODES, Header, Segment, Segment2, build_freq, entropy_bits, header_hash,
+                     pack_bucket, pack_freq, parse_bucket, rice_bits, unpack_freq, update_uid)
+from .plan2 import plan_classes, plan_regions
+from .space import Space, spaces_of
 from .kernels import impl
 from .reference import E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
 
@@ -32,6 +36,10 @@ log = logging.getLogger("sparsesync")
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
 MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack ints in [0, 2^63)
+
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_IS_CPU = operator.attrgetter("is_cpu")
 
 #: A state: a Mapping name -> tensor, or an iterable of (name, tensor) pairs.
 StateLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
@@ -103,6 +111,14 @@ class _TensorPlan:
     freq: np.ndarray | None = None
     chunk_counts: np.ndarray | None = None
     bytes_per_change: float = 0.0
+    # format 2: a region [origin, origin + length) of a space (``name`` is the dtype), coded with ``cuts``/``freqs``
+    origin: int = 0
+    length: int = -1
+    cuts: tuple = ()
+    freqs: np.ndarray | None = None
+    space: Space | None = None
+    old_space: Space | None = None
+    packed: tuple | None = None          # the classes' packed tables (made once per region)
 
 
 @dataclass
@@ -235,6 +251,11 @@ class Encoder:
     ``values``: ``"delta"`` (difference of bit patterns, default) or ``"raw"`` (new bit patterns).
     ``bucket_bytes``: target body size of one bucket (default ``SPARSESYNC_BUCKET_BYTES``, 32 MiB; at least 4096).
     ``digest``: put the state digest of each new state in the last bucket so receivers can prove equality.
+    ``format``: wire format version to write, 1 or 2 (default ``SPARSESYNC_FORMAT``, 2). Version 2 addresses elements
+    per dtype space (tens of thousands of tensors cost about what one tensor of the same size costs) and can code
+    sparse segments with the base values' exponents as context; receivers must read version 2 (sessions negotiate).
+    ``context`` (format 2): ``None`` = the encoder chooses per space by estimated size, ``True`` = context coding
+    wherever the dtype has an exponent, ``False`` = order-0 coding only.
 
     A version identifies bytes: each :meth:`encode` needs a version above the encoder's current one
     (:attr:`version`), otherwise :class:`VersionConflict`. :meth:`same_as_snapshot` tells whether a state is
@@ -242,9 +263,21 @@ class Encoder:
     """
 
     def __init__(self, base: StateLike | None = None, base_version: int | None = None, *, values: str = "delta",
-                 bucket_bytes: int | None = None, digest: bool = False):
+                 bucket_bytes: int | None = None, digest: bool = False, format: int | None = None,
+                 context: bool | None = None):
         if values not in VALUE_MODES:
             raise InvalidArgument(f"values must be 'delta' or 'raw', got {_short(values)}")
+        format = config.get_int("SPARSESYNC_FORMAT") if format is None else format
+        if type(format) is not int or format not in FORMATS:
+            raise InvalidArgument(f"format must be one of {list(FORMATS)}, got {_short(format)}")
+        if context not in (None, True, False):
+            raise InvalidArgument(f"context must be None (by size), True or False, got {_short(context)}")
+        self.format = format
+        self.context = context
+        self._fast = None               # format 2: what the last state looked like (fast path for the next one)
+        self._old_spaces: dict[str, Space] | None = None
+        self._ldig: bytes | None = None
+        self._digest_plan: tuple | None = None    # (DigestPlan, tensors, their addresses, their sizes)
         bucket_bytes = config.get_int("SPARSESYNC_BUCKET_BYTES") if bucket_bytes is None else bucket_bytes
         if type(bucket_bytes) is not int or bucket_bytes < 4096:
             raise InvalidArgument(f"bucket_bytes must be an int >= 4096, got {_short(bucket_bytes)}")
@@ -265,8 +298,35 @@ class Encoder:
             self.snapshot = snapshot
             self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in snapshot.items()]
             self.version = base_version
+            self._set_snapshot(snapshot)
         elif base_version is not None:
             raise InvalidArgument(f"base_version={_short(base_version)} given without base")
+
+    def _set_snapshot(self, snapshot: dict) -> None:
+        self.snapshot = snapshot
+        self._old_spaces = None
+        self._ldig = None
+        self._digest_plan = None
+        self._fast = None
+
+    def _spaces(self) -> dict[str, Space]:
+        if self._old_spaces is None:
+            self._old_spaces = spaces_of(list(self.snapshot.items()))
+        return self._old_spaces
+
+    def _layout_digest(self) -> bytes:
+        if self._ldig is None:
+            self._ldig = layout_digest(self.layout)
+        return self._ldig
+
+    def _snapshot_digest(self) -> str:
+        """state_digest of the snapshot (the layout's records are built once)."""
+        if self._digest_plan is None:
+            snap = self.snapshot
+            ts = [snap[n] for n, _, _ in self.layout]
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts))
+        plan, ts, ptrs, nbytes = self._digest_plan
+        return plan.digest(impl().tree64_many(ts, ptrs=ptrs, nbytes=nbytes))
 
     @staticmethod
     def _check_version(v) -> None:
@@ -348,7 +408,8 @@ class Encoder:
             nbuckets += 1
             cap = max(4096, self.bucket_bytes >> max(0, 4 - nbuckets))
         for tp in plans:
-            n = tp.new.numel()
+            n = tp.length if tp.length >= 0 else tp.new.numel()
+            o = tp.origin
             if tp.kind == "d":
                 pos = 0
                 while pos < n:
@@ -360,7 +421,7 @@ class Encoder:
                         cur, used = [], 0.0
                         continue
                     take = min(room, n - pos)
-                    cur.append(_SegPlan(tp, pos, pos + take, nchanged=take))
+                    cur.append(_SegPlan(tp, o + pos, o + pos + take, nchanged=take))
                     used += take * tp.w
                     pos += take
                 continue
@@ -377,7 +438,7 @@ class Encoder:
                     close()
                     cur, used = [], 0.0
                     continue
-                cur.append(_SegPlan(tp, c * C, min(c1 * C, n), c, c1, int(tp.chunk_counts[c:c1].sum())))
+                cur.append(_SegPlan(tp, o + c * C, o + min(c1 * C, n), c, c1, int(tp.chunk_counts[c:c1].sum())))
                 used += size + 64
                 c = c1
         yield cur, True
@@ -399,6 +460,8 @@ class Encoder:
                                       f"{self.version}); a version identifies bytes: use a new, higher version")
             raise VersionConflict(f"version {version} is older than the encoder's version {self.version}; a version "
                                   f"identifies bytes and versions must increase: use a version above {self.version}")
+        if self.format == 2:
+            return self._encode2(state, version, stream)
         full = self.snapshot is None
         items = _collect(state, "state")
         layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]
@@ -413,7 +476,7 @@ class Encoder:
         t0 = time.perf_counter()
         if full:
             self.layout = layout
-            self.snapshot = {}
+            self._set_snapshot({})
         stats = UpdateStats(tensors=len(items))
         for name, t in items:
             stats.elements += t.numel()
@@ -434,7 +497,7 @@ class Encoder:
                 if tp is not None:
                     stats.tensors_changed += 1
                     yield tp
-        ldig = layout_digest(self.layout)
+        ldig = self._layout_digest()
         base = None if full else self.version
         uid = update_uid(ldig, base, version, self.values)
         stats.encode_seconds = time.perf_counter() - t0
@@ -445,6 +508,141 @@ class Encoder:
         if not stream:
             update.finish()
         return update
+
+    # -- format 2 ---------------------------------------------------------------------------------------------------
+    def _fast_spaces(self, state) -> dict[str, Space] | None:
+        """The new state's spaces, when ``state`` is a dict with the names, dtypes and shapes of the last one and
+        every tensor is contiguous on the CPU: a few C-level passes over the values, no per-tensor Python code."""
+        fc = self._fast
+        if fc is None or not isinstance(state, dict):
+            return None
+        try:
+            if list(state) != fc["names"]:
+                return None
+            ts = list(state.values())
+            if list(map(_DTYPE, ts)) != fc["dtypes"] or list(map(_SHAPE, ts)) != fc["shapes"] or \
+                    not all(map(torch.Tensor.is_contiguous, ts)) or not all(map(_IS_CPU, ts)):
+                return None
+            ptrs = np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.uint64, count=len(ts))
+        except (TypeError, AttributeError):
+            return None
+        out = {}
+        for dn, (w, kb, perm, names, offs) in fc["groups"].items():
+            p = ptrs[perm]
+            if not p.all():
+                return None
+            out[dn] = Space.prebuilt(dn, w, kb, names, ts, perm, p, offs)
+        return out
+
+    def _remember(self, state, items) -> None:
+        """Record what ``state`` looked like so that the next encode of a state like it takes the fast path."""
+        if not isinstance(state, dict) or list(state) != [n for n, _ in items]:
+            self._fast = None
+            return
+        ts = list(state.values())
+        pos = {n: i for i, n in enumerate(state)}
+        groups = {}
+        for dn, sp in spaces_of(items).items():
+            perm = np.array([pos[n] for n in sp.names], dtype=np.int64)
+            groups[dn] = (sp.w, sp.kb, perm, sp.names, sp.offs)
+        self._fast = {"names": list(state), "dtypes": list(map(_DTYPE, ts)), "shapes": list(map(_SHAPE, ts)),
+                      "groups": groups}
+
+    def _encode2(self, state: StateLike, version: int, stream: bool) -> Update:
+        full = self.snapshot is None
+        new_spaces = None if full else self._fast_spaces(state)
+        slow = new_spaces is None
+        if slow:
+            items = _collect(state, "state")
+            layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]
+            if not full:
+                compare_layouts(self.layout, layout)
+                new_spaces = spaces_of(items)
+        # nothing was changed so far; from here on the update is made
+        if self._pending is not None and not self._pending.complete:
+            self._pending.finish()
+        t0 = time.perf_counter()
+        if full:
+            self.layout = layout
+            self._set_snapshot({name: t.clone() if self._copy_full else t for name, t in items})
+            new_spaces = self._spaces()
+        elif slow:
+            self._remember(state, items)
+        old_spaces = self._spaces()
+        stats = UpdateStats(tensors=len(self.layout))
+        for sp in old_spaces.values():
+            stats.elements += sp.n
+            stats.dense_bytes += sp.n * sp.w
+        if full:
+            stats.changed = stats.elements
+            log.debug("encoding version %d as a full update (format 2): %d tensors, %d bytes%s", version,
+                      stats.tensors, stats.dense_bytes, ", with state digest" if self.want_digest else "")
+        else:
+            log.debug("encoding version %d as a delta against version %d (format 2, %s values, %d tensors)", version,
+                      self.version, self.values, stats.tensors)
+
+        def plans():      # scanned lazily, space by space, as buckets are produced
+            for dn, sp in new_spaces.items():
+                old = old_spaces[dn]
+                if full:
+                    stats.tensors_changed += len(sp.names)
+                    yield _TensorPlan(dn, None, sp.w, "d", length=sp.n, space=old, old_space=old)
+                    continue
+                counts, hist, keys, total, pieces = impl().scan2(old, sp, self.mode)
+                if not total:
+                    continue
+                stats.tensors_changed += int(np.count_nonzero(pieces))
+                stats.changed += total
+                nb = len(counts)
+                cp = plan_classes(hist, keys, nb / -(-nb // 16), sp.n, sp.w, self.mode,
+                                  self.context if sp.kb else False)
+                log.debug("space %s: %d of %d elements changed, %s, about %.3f bits per change", dn, total, sp.n,
+                          f"{len(cp.cuts) + 1} classes" if cp.context else "order-0", cp.bits_per_change)
+                for r in plan_regions(counts, sp.n, sp.w, cp.bits_per_change):
+                    if r.kind == "d":
+                        yield _TensorPlan(dn, None, sp.w, "d", origin=r.start, length=r.end - r.start, space=sp,
+                                          old_space=old)
+                    else:
+                        yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
+                                          cp.bits_per_change / 8, origin=r.start, length=r.end - r.start,
+                                          cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old)
+        ldig = self._layout_digest()
+        base = None if full else self.version
+        uid = update_uid(ldig, base, version, self.values)
+        stats.encode_seconds = time.perf_counter() - t0
+        update = Update(base, version, uid, self.values, None, stats, None)
+        update._gen = self._generate(update, self._pack(plans()), ldig)
+        self.version = version
+        self._pending = update
+        if not stream:
+            update.finish()
+        return update
+
+    def _encode_segment2(self, sp: _SegPlan, full: bool) -> tuple[Segment2, list]:
+        tp = sp.tp
+        dense_len = (sp.end - sp.start) * tp.w
+        if tp.kind == "s":
+            try:
+                table, data, ks, vhash, nch = impl().encode2(tp.old_space, tp.space, self.mode, sp.start, sp.end,
+                                                             tp.log2c, list(tp.cuts), tp.freqs, update_old=True,
+                                                             nchanged_hint=sp.nchanged)
+            except KernelError as exc:      # a symbol the plan did not count: the state changed meanwhile
+                raise SparseSyncError(f"{tp.space.describe(sp.start, sp.end)} changed between planning and encoding "
+                                      f"({exc})") from None
+            if nch != sp.nchanged:
+                raise SparseSyncError(f"{tp.space.describe(sp.start, sp.end)} changed between planning and encoding")
+            if len(table) + len(data) < dense_len:
+                if tp.packed is None:
+                    tp.packed = tuple(pack_freq(f) if f.any() else b"" for f in tp.freqs)
+                cls = tuple(None if k is None else (k, tp.packed[c]) for c, k in enumerate(ks))
+                return Segment2(tp.name, "s", sp.start, sp.end, tp.log2c, len(table), 0, len(table) + len(data),
+                                tp.cuts, cls, vhash, nch), [table, data]
+            log.debug("%s: sparse coding took %d B, dense %d B: sent dense", tp.space.describe(sp.start, sp.end),
+                      len(table) + len(data), dense_len)
+        raw = impl().gather2(tp.space, sp.start, sp.end).numpy()
+        if not full and tp.kind == "d":
+            impl().put2(tp.old_space, sp.start, sp.end, raw)
+        return Segment2(tp.name, "d", sp.start, sp.end, 0, 0, 0, dense_len, (), (), None, sp.end - sp.start), [raw]
 
     def _encode_segment(self, sp: _SegPlan) -> tuple[Segment, list]:
         tp = sp.tp
@@ -482,23 +680,28 @@ class Encoder:
             plan, last = next(packer)          # planning (scans) of the tensors in this bucket happens here
             segs, parts, off = [], [], 0
             for sp in plan:
-                seg, data = self._encode_segment(sp)
-                seg = Segment(**{**seg.__dict__, "off": off})
+                if sp.tp.space is not None:
+                    seg, data = self._encode_segment2(sp, update.base_version is None)
+                    if seg.kind == "d":
+                        dense_names.update(sp.tp.space.names_in(sp.start, sp.end))
+                else:
+                    seg, data = self._encode_segment(sp)
+                    if seg.kind == "d":
+                        dense_names.add(sp.tp.name)
+                seg = dataclasses.replace(seg, off=off)
                 off += seg.length
                 segs.append(seg)
                 parts.extend(data)
-                if seg.kind == "d":
-                    dense_names.add(sp.tp.name)
             body = b"".join(bytes(p) if not isinstance(p, (bytes, bytearray)) else p for p in parts)
             if last and self.want_digest:
                 t2 = time.perf_counter()
-                update.digest = state_digest(self.snapshot)
+                update.digest = self._snapshot_digest()
                 log.debug("state digest of version %d computed in %.3f s: %s", update.version,
                           time.perf_counter() - t2, update.digest)
             header = Header(uid=update.uid, base=update.base_version, ver=update.version, vals=self.values, idx=i,
                             cnt=i + 1 if last else 0, layout=ldig, ntensors=len(self.layout), dig=self.want_digest,
                             digest=update.digest if last else None, body_len=len(body),
-                            body_hash=impl().tree64(body), prev=prev, segs=tuple(segs))
+                            body_hash=impl().tree64(body), prev=prev, segs=tuple(segs), v=self.format)
             bucket = pack_bucket(header, body)
             prev = header_hash(bucket)
             stats.wire_bytes += len(bucket)
@@ -515,7 +718,7 @@ class Encoder:
 
 
 def full_update(state: StateLike, version: int, *, bucket_bytes: int | None = None, stream: bool = True,
-                digest: bool = False) -> Update:
+                digest: bool = False, format: int | None = None) -> Update:
     """A full update of ``state`` made straight from its tensors (no copy): for catching up receivers and relays.
 
     A full update applies at any receiver version at or below ``version`` (a receiver above it refuses it as a
@@ -523,7 +726,7 @@ def full_update(state: StateLike, version: int, *, bucket_bytes: int | None = No
     verify it, exactly as for delta updates of ``Encoder(digest=True)``. With ``stream=True`` (default) buckets are
     made as they are consumed; ``state`` must not change meanwhile.
     """
-    enc = Encoder(bucket_bytes=bucket_bytes, digest=digest)
+    enc = Encoder(bucket_bytes=bucket_bytes, digest=digest, format=format)
     enc._copy_full = False
     return enc.encode(state, version, stream=stream)
 
@@ -572,6 +775,32 @@ class _Pending:
     count: int = 0
 
 
+def _addresses(ts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Addresses and byte sizes of contiguous CPU tensors that keep their storage (the codec's own snapshot, a
+    decoder's tensors): taken once, so that digests need no pass over the tensors in Python."""
+    return (np.array([t.data_ptr() for t in ts], dtype=np.uint64),
+            np.array([t.numel() * t.element_size() for t in ts], dtype=np.uint64))
+
+
+_TABLES: dict = {}
+
+
+def _class_tables(cls: tuple, max_sym: int) -> np.ndarray:
+    """(K, 256) frequencies of a format-2 segment's classes (zeros for absent ones); tables are cached by bytes
+    (a space's segments repeat them)."""
+    key = (cls, max_sym)
+    out = _TABLES.get(key)
+    if out is None:
+        out = np.zeros((len(cls), 256), dtype=np.uint32)
+        for c, entry in enumerate(cls):
+            if entry is not None:
+                out[c] = unpack_freq(entry[1], max_sym)
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        _TABLES[key] = out
+    return out
+
+
 # an arena entry larger than this many times (plus the slack) what the last successful update staged at its index is
 # freed after every update, successful or not
 _ARENA_GROWTH, _ARENA_SLACK = 2, 1 << 16
@@ -618,6 +847,11 @@ class Decoder:
         for n, t in self.state.items():
             owners.setdefault(t.untyped_storage().data_ptr(), []).append(n)
         self._aliased = {n for names in owners.values() if len(names) > 1 for n in names}
+        # format 2: the tensors of each dtype as one space (their addresses are taken once, here: the tensors must
+        # keep their storage, as for any in-place receiver); spaces holding aliased tensors write new values
+        self._spaces = spaces_of(list(self.state.items()))
+        self._alias_spaces = {name_of(self.state[n].dtype) for n in self._aliased}
+        self._digest_plan: tuple | None = None     # (DigestPlan, tensors, their addresses, their sizes)
         self.version = version
         self.verify_digest = verify_digest
         self.allow_rollback = allow_rollback
@@ -750,6 +984,10 @@ class Decoder:
                 raise LayoutMismatch(f"the update's header says {header.ntensors} tensors, but its layout digest is "
                                      f"that of this decoder's {len(self.state)} tensors (malformed header)")
             return
+        if header.v >= 2:
+            raise LayoutMismatch(f"the update (format {header.v}) was made for another tensor layout: its layout "
+                                 f"digest is {header.layout.hex()}, this decoder's {self.layout_digest.hex()} (names, "
+                                 f"dtypes or shapes differ; {counts})")
         seen: list[str] = []
         seen_set: set[str] = set()
         for s in header.segs:
@@ -819,8 +1057,8 @@ class Decoder:
             p = _Pending(header, hhash, self.version)
         else:
             h0 = p.header
-            if (header.uid, header.base, header.ver, header.vals, header.layout, header.ntensors, header.dig) != \
-                    (h0.uid, h0.base, h0.ver, h0.vals, h0.layout, h0.ntensors, h0.dig):
+            if (header.uid, header.base, header.ver, header.vals, header.layout, header.ntensors, header.dig,
+                    header.v) != (h0.uid, h0.base, h0.ver, h0.vals, h0.layout, h0.ntensors, h0.dig, h0.v):
                 raise CorruptPayload("bucket belongs to another update (foreign bucket)")
             if header.idx != p.next_idx:
                 raise CorruptPayload(f"expected bucket {p.next_idx}, got {header.idx} (reordered or duplicated)")
@@ -828,6 +1066,8 @@ class Decoder:
                 raise CorruptPayload(f"bucket {header.idx} does not chain to bucket {header.idx - 1}")
             p.next_idx += 1
             p.last_hash = hhash
+        if header.v >= 2:
+            return self._stage2(p, header, bucket, body, owned, t0)
         mode = VALUE_MODES[header.vals]
         # 1. every segment against the receiver's tensors, before anything is allocated from header numbers. The
         # segments of a tensor ascend through the update (FORMAT.md §2), so one end per tensor proves no overlap.
@@ -887,10 +1127,131 @@ class Decoder:
         p.count = header.cnt
         return True
 
+    def _stage2(self, p: _Pending, header: Header, bucket, body, owned: bool, t0: float) -> bool:
+        """Stage one format-2 bucket (FORMAT.md §6): segments address spaces; work is per segment, not per tensor."""
+        mode = VALUE_MODES[header.vals]
+        ends = p.ends
+        spaces = self._spaces
+        for seg in header.segs:
+            sp = spaces.get(seg.space)
+            if sp is None or seg.end > sp.n:
+                raise CorruptPayload(f"{seg.space} segment [{seg.start}, {seg.end}) lies outside the receiver's "
+                                     f"{seg.space} space ({sp.n if sp is not None else 0} elements)")
+            last = ends.get(seg.space, 0)
+            if seg.start < last:
+                raise CorruptPayload(f"{seg.space} segments overlap or are out of order: [{seg.start}, {seg.end}) "
+                                     f"after a segment ending at {last} (a space's segments ascend)")
+            ends[seg.space] = seg.end
+        sparse = [(seg, spaces[seg.space].w) for seg in header.segs if seg.kind == "s"]
+        arena_idx, arena_val, arena_new = self._staging(p, header.idx, sum(sg.nchanged for sg, _ in sparse),
+                                                        sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
+        delta = mode == VALUE_MODES["delta"]
+        copy_dense = not owned and not isinstance(bucket, bytes)
+        io = vo = 0
+        for seg in header.segs:
+            sp = spaces[seg.space]
+            data = body[seg.off: seg.off + seg.length]
+            w = sp.w
+            if seg.kind == "d":
+                p.staged.append((sp, "d", seg.start, seg.end, bytes(data) if copy_dense else data))
+            else:
+                freqs = _class_tables(seg.cls, max_symbol(w, mode))
+                ks = [None if c is None else c[0] for c in seg.cls]
+                dmode = MODE_DELTA_DEFERRED if delta and seg.space not in self._alias_spaces else mode
+                try:
+                    idx, vals = impl().decode2(data, seg.table_len, sp, dmode, seg.start, seg.end, seg.log2c,
+                                               list(seg.cuts), ks, freqs, seg.nchanged, seg.values_hash,
+                                               arena_idx[io: io + seg.nchanged],
+                                               arena_val[vo: vo + seg.nchanged * w])
+                except KernelError as exc:
+                    if exc.code == E_HASH and mode == VALUE_MODES["delta"]:
+                        raise BaseMismatch(f"{sp.describe(seg.start, seg.end)}: the decoder's values at version "
+                                           f"{self.version} differ from the encoder's base (values hash mismatch)") \
+                            from None
+                    raise CorruptPayload(f"segment of {sp.describe(seg.start, seg.end)}: {exc}") from None
+                new = arena_new[vo: vo + seg.nchanged * w]
+                io += seg.nchanged
+                vo += -(-seg.nchanged * w // 8) * 8
+                if dmode == MODE_DELTA_DEFERRED:
+                    p.staged.append((sp, "+", seg.start, seg.end, (idx, vals, new, seg.values_hash)))
+                else:
+                    p.staged.append((sp, "s", seg.start, seg.end, (idx, vals)))
+            p.changed += seg.nchanged
+        p.wire_bytes += len(memoryview(bucket).cast("B"))
+        p.decode_seconds += time.perf_counter() - t0
+        self._pending = p
+        if header.cnt == 0:
+            return False
+        p.digest = header.digest
+        p.count = header.cnt
+        return True
+
+    def _commit2(self, p: _Pending, digest: str | None) -> tuple:
+        """Write a staged format-2 update; returns the names of the tensors written. Undoes exactly on a failed
+        values hash or digest."""
+        verify = self.verify_digest and digest is not None
+        touched = {dn: np.zeros(len(sp.names), dtype=np.uint8) for dn, sp in self._spaces.items()}
+        undo = []
+
+        def rollback():
+            for sp, kind, where, old in reversed(undo):
+                if kind == "d":
+                    impl().put2(sp, where, where + old.numel() // sp.w, old)
+                elif kind == "+":
+                    impl().add_scatter2(sp, where, old, None, negate=True)
+                else:
+                    impl().scatter2(sp, where, old)
+
+        for sp, kind, start, end, payload in p.staged:
+            if kind != "+":
+                continue
+            idx, d, new, vhash = payload
+            impl().add_scatter2(sp, idx, d, new, touched=touched[sp.dtype])
+            undo.append((sp, "+", idx, d))
+            if impl().tree64(new) != vhash:
+                rollback()
+                raise BaseMismatch(f"{sp.describe(start, end)}: the decoder's values at version {self.version} differ "
+                                   "from the encoder's base (values hash mismatch); nothing was changed")
+        for sp, kind, start, end, payload in p.staged:
+            if kind == "d":
+                if verify:
+                    undo.append((sp, "d", start, impl().gather2(sp, start, end)))
+                impl().put2(sp, start, end, payload, touched=touched[sp.dtype])
+            elif kind == "s":
+                idx, vals = payload
+                if verify:
+                    undo.append((sp, "s", idx, impl().take2(sp, idx)))
+                impl().scatter2(sp, idx, vals, touched=touched[sp.dtype])
+        if verify:
+            t1 = time.perf_counter()
+            got = self._state_digest()
+            if got != digest:
+                rollback()
+                raise BaseMismatch(f"after applying version {p.header.ver} the state digest differs from the "
+                                   f"encoder's ({got[:16]}... != {digest[:16]}...); the update was rolled back")
+            log.debug("state digest of version %d verified in %.3f s", p.header.ver, time.perf_counter() - t1)
+        names = []
+        for dn, sp in self._spaces.items():
+            hit = np.flatnonzero(touched[dn])
+            if hit.size:
+                names.extend(operator.itemgetter(*hit.tolist())(sp.names) if hit.size > 1 else [sp.names[hit[0]]])
+        return tuple(names)
+
+    def _state_digest(self) -> str:
+        """state_digest of the decoder's tensors (the layout's records are built once)."""
+        if self._digest_plan is None:
+            ts = list(self.state.values())
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts))
+        plan, ts, ptrs, nbytes = self._digest_plan
+        return plan.digest(impl().tree64_many(ts, ptrs=ptrs, nbytes=nbytes))
+
     def _commit(self, p: _Pending, digest: str | None) -> None:
         """Write the staged update. Only the values-hash and digest checks can still fail here; both undo exactly."""
         t0 = time.perf_counter()
         verify = self.verify_digest and digest is not None
+        if p.header.v >= 2:
+            written = self._commit2(p, digest)
+            return self._committed(p, digest, verify, written, t0)
         undo = []                                   # what to reverse, in reverse order, if a check fails
 
         def rollback():
@@ -937,12 +1298,15 @@ class Decoder:
                 impl().scatter(dst, w, idx, vals)
         if verify:
             t1 = time.perf_counter()
-            got = state_digest(self.state)
+            got = self._state_digest()
             if got != digest:
                 rollback()
                 raise BaseMismatch(f"after applying version {p.header.ver} the state digest differs from the "
                                    f"encoder's ({got[:16]}... != {digest[:16]}...); the update was rolled back")
             log.debug("state digest of version %d verified in %.3f s", p.header.ver, time.perf_counter() - t1)
+        self._committed(p, digest, verify, tuple(dict.fromkeys(name for name, *_ in p.staged)), t0)
+
+    def _committed(self, p: _Pending, digest: str | None, verify: bool, written: tuple, t0: float) -> None:
         h0 = p.header
         previous = self.version
         kind = "full" if h0.base is None else "delta"
@@ -952,8 +1316,7 @@ class Decoder:
         self.last_stats = ApplyStats(base_version=h0.base, version=h0.ver, buckets=p.count, wire_bytes=p.wire_bytes,
                                      changed=p.changed, decode_seconds=p.decode_seconds,
                                      apply_seconds=time.perf_counter() - t0, digest_verified=verify, kind=kind,
-                                     previous_version=previous,
-                                     tensors=tuple(dict.fromkeys(name for name, *_ in p.staged)),
+                                     previous_version=previous, tensors=written,
                                      digest=digest if verify else None)
         if kind == "full":
             if h0.ver < previous:

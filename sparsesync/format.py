@@ -15,11 +15,13 @@ import msgpack
 import numpy as np
 
 from .dtypes import BY_NAME, width
+from .space import MAX_CLASSES, key_bits
 from .errors import CorruptPayload, InvalidArgument
 from .kernels import impl
 from .reference import SCALE, max_symbol, read_varint, KernelError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # the newest version this library writes and reads
+FORMATS = (1, 2)            # every version this library reads (and can write)
 MAGIC = b"SSYN"
 PREAMBLE = struct.Struct("<4sIQ")
 HEADER_SEED = 0x48445248
@@ -54,6 +56,33 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Segment2:
+    """A version-2 segment (FORMAT.md §6.2): a range of a dtype's space. ``cls``: per class None (absent) or
+    (k, freq bytes)."""
+    space: str
+    kind: str          # "d" dense or "s" sparse
+    start: int
+    end: int
+    log2c: int
+    table_len: int
+    off: int
+    length: int
+    cuts: tuple
+    cls: tuple
+    values_hash: int | None
+    nchanged: int
+
+    def as_list(self) -> list:
+        return [self.space, self.kind, self.start, self.end, self.log2c, self.table_len, self.off, self.length,
+                list(self.cuts), [None if c is None else [c[0], c[1]] for c in self.cls], self.values_hash,
+                self.nchanged]
+
+    @property
+    def name(self) -> str:      # for messages that name what a segment covers
+        return self.space
+
+
+@dataclass(frozen=True)
 class Header:
     uid: bytes
     base: int | None
@@ -69,10 +98,11 @@ class Header:
     body_hash: int
     prev: int
     segs: tuple
+    v: int = 1             # format version: segments are Segment (1) or Segment2 (2)
 
     def as_map(self) -> dict:
         """The header as the msgpack map of FORMAT.md §2, keys in the documented order (``HEADER_KEYS``)."""
-        return {"v": FORMAT_VERSION, "uid": self.uid, "base": self.base, "ver": self.ver, "vals": self.vals,
+        return {"v": self.v, "uid": self.uid, "base": self.base, "ver": self.ver, "vals": self.vals,
                 "idx": self.idx, "cnt": self.cnt, "layout": self.layout, "ntensors": self.ntensors, "dig": self.dig,
                 "digest": self.digest, "body_len": self.body_len, "body_hash": self.body_hash, "prev": self.prev,
                 "segs": [s.as_list() for s in self.segs]}
@@ -184,6 +214,15 @@ def pack_bucket(header: Header, body) -> bytes:
     return bytes(out)
 
 
+def peek_version(bucket) -> int:
+    """The format version of a bucket made by :func:`pack_bucket` (its header starts with the key "v"), without
+    parsing it; 0 if it does not look like one."""
+    mv = memoryview(bucket).cast("B")
+    if len(mv) > PREAMBLE.size + 3 and bytes(mv[PREAMBLE.size + 1:PREAMBLE.size + 3]) == b"\xa1v":
+        return mv[PREAMBLE.size + 3] if mv[PREAMBLE.size + 3] < 0x80 else 0
+    return 0
+
+
 def header_hash(bucket) -> int:
     return PREAMBLE.unpack_from(bucket, 0)[2]
 
@@ -265,6 +304,63 @@ def _segment(raw, body_len: int, vals: str, expect_off: int) -> Segment:
     return Segment(name, dtype, tuple(shape), kind, start, end, log2c, table_len, off, length, freq, vhash, nchanged)
 
 
+def _segment2(raw, body_len: int, vals: str, expect_off: int) -> Segment2:
+    if not isinstance(raw, list) or len(raw) != 12:
+        raise CorruptPayload("segment is not a 12-element array (format 2)")
+    space, kind = raw[0], raw[1]
+    if not isinstance(space, str) or space not in BY_NAME:
+        raise CorruptPayload(f"segment space {_r(space)} is not a dtype name")
+    w = width(BY_NAME[space])
+    start = _int(raw[2], "start", 0, (1 << 62) - 1)
+    end = _int(raw[3], "end", start, 1 << 62)
+    log2c = _int(raw[4], "log2c", 0, 30)
+    table_len = _int(raw[5], "table_len", 0, body_len)
+    off = _int(raw[6], "off", 0, body_len)
+    length = _int(raw[7], "len", 0, body_len - off)
+    cuts, cls, vhash = raw[8], raw[9], raw[10]
+    nchanged = _int(raw[11], "nchanged", 0, end - start)
+    where = f"{space} segment [{start}, {end})"
+    if end == start:
+        raise CorruptPayload(f"{where}: empty element range")
+    if off != expect_off:
+        raise CorruptPayload(f"{where}: data at {off}, expected {expect_off} (gap or overlap)")
+    if not isinstance(cuts, list) or not isinstance(cls, list):
+        raise CorruptPayload(f"{where}: cuts/cls are not arrays")
+    if kind == "d":
+        if length != (end - start) * w or log2c or table_len or cuts or cls or vhash is not None or \
+                nchanged != end - start:
+            raise CorruptPayload(f"dense {where}: fields inconsistent")
+        return Segment2(space, kind, start, end, 0, 0, off, length, (), (), None, nchanged)
+    if kind != "s":
+        raise CorruptPayload(f"{where}: unknown kind {_r(kind)}")
+    if not 12 <= log2c <= 30 or table_len > length or nchanged < 1:
+        raise CorruptPayload(f"sparse {where}: log2c {log2c}, table_len {table_len} or nchanged {nchanged} invalid")
+    if not isinstance(vhash, int) or isinstance(vhash, bool) or not 0 <= vhash < (1 << 64):
+        raise CorruptPayload(f"sparse {where}: values_hash invalid")
+    kb = key_bits(space)
+    if len(cuts) > MAX_CLASSES - 1 or len(cls) != len(cuts) + 1 or (cuts and not kb):
+        raise CorruptPayload(f"sparse {where}: {len(cuts)} cuts and {len(cls)} classes (dtype key bits {kb})")
+    last = 0
+    for c in cuts:
+        if type(c) is not int or not last < c < (1 << kb):
+            raise CorruptPayload(f"sparse {where}: cuts {_r(cuts, 200)} not strictly increasing in [1, {1 << kb})")
+        last = c
+    out = []
+    max_sym = max_symbol(w, VALUE_MODES[vals])
+    for c in cls:
+        if c is None:
+            out.append(None)
+            continue
+        if not isinstance(c, list) or len(c) != 2 or type(c[0]) is not int or not 0 <= c[0] <= log2c or \
+                not isinstance(c[1], bytes):
+            raise CorruptPayload(f"sparse {where}: class entry {_r(c)} is not [k <= log2c, table]")
+        unpack_freq(c[1], max_sym)
+        out.append((c[0], bytes(c[1])))
+    if all(c is None for c in out):
+        raise CorruptPayload(f"sparse {where}: no class is present")
+    return Segment2(space, kind, start, end, log2c, table_len, off, length, tuple(cuts), tuple(out), vhash, nchanged)
+
+
 def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
     """Validate a bucket completely (framing, hashes, header schema and canonical form, segment bounds); return the
     header, its hash and the body. Everything that depends only on the bucket is checked here; what depends on the
@@ -295,9 +391,9 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
         raise CorruptPayload(f"header keys must be exactly {list(HEADER_KEYS)} in this order; missing {missing}, "
                              f"unknown {_r(unknown[:5], 200)}, got {_r(list(m)[:20], 300)}")
     v = m["v"]
-    if type(v) is not int or v != FORMAT_VERSION:
-        raise CorruptPayload(f"unsupported format version {_r(v)} (this decoder reads the integer "
-                             f"{FORMAT_VERSION})")
+    if type(v) is not int or v not in FORMATS:
+        raise CorruptPayload(f"unsupported format version {_r(v)} (this decoder reads the integers "
+                             f"{', '.join(map(str, FORMATS))})")
     uid = _typed(m, "uid", bytes)
     layout = _typed(m, "layout", bytes)
     vals = _typed(m, "vals", str)
@@ -340,14 +436,15 @@ def parse_bucket(bucket) -> tuple[Header, int, memoryview]:
     if not segs_raw and not cnt:
         raise CorruptPayload(f"bucket {idx} is empty but not the last: only the last bucket may have no segment")
     segs, off = [], 0
+    parse = _segment if v == 1 else _segment2
     for raw in segs_raw:
-        seg = _segment(raw, body_len, vals, off)
+        seg = parse(raw, body_len, vals, off)
         off = seg.off + seg.length
         segs.append(seg)
     if off != body_len:
         raise CorruptPayload(f"segments cover {off} of {body_len} body bytes")
     header = Header(uid=uid, base=base, ver=ver, vals=vals, idx=idx, cnt=cnt, layout=layout, ntensors=ntensors,
-                    dig=dig, digest=digest, body_len=body_len, body_hash=body_hash, prev=prev, segs=tuple(segs))
+                    dig=dig, digest=digest, body_len=body_len, body_hash=body_hash, prev=prev, segs=tuple(segs), v=v)
     # one encoding only: the header must be exactly what the encoder packs for these values (key order, msgpack
     # types, shortest integer/string/array formats); headers are small next to their bodies, so this costs little
     if msgpack.packb(header.as_map(), use_bin_type=True) != hbytes:

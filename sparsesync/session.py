@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from . import backends, wire
 from .codec import ApplyStats, Decoder, Encoder, StateLike, Update, full_update
 from .digest import layout_digest, state_digest
+from .format import FORMATS, peek_version
 from .progress import Progress
 from .errors import (CorruptPayload, InvalidArgument, LayoutMismatch, PushFailed, SparseSyncError, VersionConflict,
                      VersionMismatch)
@@ -194,7 +195,7 @@ class Receiver:
     def _info(self) -> dict:
         with self._lock:
             return {"version": self.decoder.version, "digest": self._digest_locked(),
-                    "layout": self.decoder.layout_digest}
+                    "layout": self.decoder.layout_digest, "formats": list(FORMATS)}
 
     def _accept_loop(self) -> None:
         while self._running:
@@ -596,6 +597,7 @@ class _Peer:
         self.digest: str | None = None
         self.verified = False           # digest checked against the sender's state at that version
         self.layout: bytes | None = None  # the receiver's layout digest (WELCOME)
+        self.format = 1                   # the newest wire format both sides read (WELCOME's "formats")
         self.last_error: str | None = None
 
     def drop(self) -> None:
@@ -624,6 +626,9 @@ class Sender:
     ``compress``: zstd each bucket frame (for slow links; it gains little on sparse deltas, ~1.3x on full updates).
     ``digest``: every update (delta, chain or full) carries the new state's digest and receivers verify it.
     ``allow_rollback``: allow pushes that move a receiver to a lower version than it holds (default: refused).
+    ``format`` / ``context``: see :class:`~sparsesync.codec.Encoder`. Each push is encoded once, in the newest format
+    every connected peer reads (receivers say which in the handshake: one that reads only format 1 gets format 1); a
+    peer that later needs a catch-up in a format it cannot read gets a full update in its own format.
 
     Versions identify bytes: each push must use a higher version than the last, except that pushing the same
     bytes again under the same version is allowed (it only brings peers that lack it up to date).
@@ -635,7 +640,7 @@ class Sender:
                  retries: int = 3, backoff: float = 0.2, retain: int = 4, quorum: int | str = 1,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
                  compress: bool = False, streams: int = 1, allow_rollback: bool = False, nccl_device: int | None = None,
-                 allow_unauthenticated: bool = False):
+                 allow_unauthenticated: bool = False, format: int | None = None, context: bool | None = None):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
@@ -668,7 +673,8 @@ class Sender:
         # small buckets by default so that encode, wire and apply overlap (pipelining)
         self.encoder = Encoder(base, base_version, values=values,
                                bucket_bytes=DEFAULT_SESSION_BUCKET if bucket_bytes is None else bucket_bytes,
-                               digest=digest)
+                               digest=digest, format=format, context=context)
+        self.format = self.encoder.format     # the newest format this sender writes; per push: what all peers read
         self.compress = compress
         if not isinstance(streams, int) or not 1 <= streams <= Receiver.MAX_STREAMS:
             raise InvalidArgument(f"streams must be an int in [1, {Receiver.MAX_STREAMS}], got {streams!r}")
@@ -715,6 +721,8 @@ class Sender:
                                   "delta" if last else "none", rollback)
             stats.kind = "repush"
         else:
+            connected = [p.format for p in self.peers if p.ch is not None]
+            self.encoder.format = min([self.format] + connected)
             update = self.encoder.encode(state, version, stream=True)
             feed = _Feed(update)
             stats = self._deliver(feed, t0, self.encoder.snapshot, update.base_version, version,
@@ -852,6 +860,9 @@ class Sender:
             raise
         p.ch, p.extra, p.version, p.digest, p.verified = ch, extra, v, info.get("digest"), False
         p.layout, p.last_error = info.get("layout"), None
+        formats = info.get("formats")
+        common = [f for f in formats if type(f) is int and f in FORMATS] if isinstance(formats, list) else []
+        p.format = max(common, default=1)   # receivers older than format 2 send no "formats": they read format 1
 
     def _layout_digest(self) -> bytes:
         layout = self.encoder.layout
@@ -911,6 +922,10 @@ class Sender:
             back = f"moving it back from version {p.version} (allow_rollback)"
         else:
             back = None
+        fmt = self.encoder.format                 # the format of this push's feed
+        if p.format < fmt and feed_kind != "none":
+            return "full", ["full"], (f"it reads wire format {p.format} only, this push is format {fmt}" +
+                                      (f"; {back}" if back else ""))
         if feed_kind == "full":                  # the update itself is a full one: valid at any version
             return "full", [None], back
         if back is None and feed_kind == "delta" and p.version == base and p.verified:
@@ -918,6 +933,8 @@ class Sender:
         if back is None and p.version is not None and p.verified:
             chain, v = [], p.version
             for b, ver, buckets in self.retain:
+                if b == v and buckets and peek_version(buckets[0]) > p.format:
+                    break                        # retained in a format this peer cannot read
                 if b == v:
                     chain.append(buckets)
                     v = ver
@@ -1182,7 +1199,7 @@ class Sender:
                         feed.finish()              # the snapshot is final once the delta is fully encoded
                         with full_lock:
                             up = full_update(state, version, bucket_bytes=self.bucket_bytes,
-                                             digest=self.encoder.want_digest)
+                                             digest=self.encoder.want_digest, format=min(p.format, self.format))
                             nbytes, ack = self._send_update(p, up.iter_buckets(), prog, rollback)
                     else:
                         nbytes, ack = self._send_update(p, iter(part), prog, rollback)

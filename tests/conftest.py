@@ -58,6 +58,30 @@ def pytest_report_header(config):
             f"load_error={native.load_error!r}, SPARSESYNC_REFERENCE={os.environ.get('SPARSESYNC_REFERENCE', '')!r})"]
 
 
+def _with_format(value: int):
+    old = os.environ.get("SPARSESYNC_FORMAT")
+    os.environ["SPARSESYNC_FORMAT"] = str(value)
+    try:
+        yield value
+    finally:
+        if old is None:
+            os.environ.pop("SPARSESYNC_FORMAT", None)
+        else:
+            os.environ["SPARSESYNC_FORMAT"] = old
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["format1", "format2"])
+def wire_format(request):
+    """Runs a whole module once per wire format version (the encoders' default, SPARSESYNC_FORMAT)."""
+    yield from _with_format(request.param)
+
+
+@pytest.fixture(scope="module")
+def format1():
+    """For modules that pin the structure of format 1 (FORMAT.md §2-§5); format 2 has its own tests."""
+    yield from _with_format(1)
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

@@ -125,8 +125,10 @@ def check_stats(update, old: dict | None, new: dict) -> None:
         assert s.changed == count_changed(old, new)
         changed_names = {k for k in new if not torch.equal(ivw(old[k].contiguous()), ivw(new[k].contiguous()))}
     assert s.tensors_changed == len(changed_names)
-    seg_names = {seg.name for h in hs for seg in h.segs}
-    assert seg_names == changed_names
+    if hs[0].v >= 2:       # format 2 segments address dtype spaces (FORMAT.md §6)
+        assert {seg.space for h in hs for seg in h.segs} == {str(new[k].dtype)[6:] for k in changed_names}
+    else:
+        assert {seg.name for h in hs for seg in h.segs} == changed_names
     assert sum(seg.nchanged for h in hs for seg in h.segs if seg.kind == "s") <= s.changed
     assert 0 <= s.dense_tensors <= s.tensors_changed
     assert s.density == (s.changed / s.elements if s.elements else 0.0)
@@ -138,7 +140,10 @@ def check_stats(update, old: dict | None, new: dict) -> None:
 def check_segments_cover(update, new: dict, old: dict | None) -> None:
     """The segments of all buckets never overlap, stay in range and contain every changed element."""
     ranges: dict[str, list] = {}
-    for h in headers(update):
+    hs = headers(update)
+    if hs and hs[0].v >= 2:
+        return _check_spaces_cover(hs, new, old)
+    for h in hs:
         for seg in h.segs:
             t = new[seg.name]
             assert seg.shape == tuple(t.shape)
@@ -152,6 +157,33 @@ def check_segments_cover(update, new: dict, old: dict | None) -> None:
             diff = (ivw(old[name].contiguous()) != ivw(new[name].contiguous())).reshape(-1).nonzero().reshape(-1)
             covered = torch.zeros(new[name].numel(), dtype=torch.bool)
             for a, b in rs:
+                covered[a:b] = True
+            assert bool(covered[diff].all())
+
+
+def _check_spaces_cover(hs, new: dict, old: dict | None) -> None:
+    """Format 2: the same, in each dtype's space (its tensors flat, in sorted name order)."""
+    flat_new, flat_old = {}, {}
+    for k in sorted(new):
+        dn = str(new[k].dtype)[6:]
+        flat_new.setdefault(dn, []).append(ivw(new[k].contiguous()).reshape(-1))
+        if old is not None:
+            flat_old.setdefault(dn, []).append(ivw(old[k].contiguous()).reshape(-1))
+    ranges: dict[str, list] = {}
+    for h in hs:
+        for seg in h.segs:
+            n = sum(t.numel() for t in flat_new[seg.space])
+            assert 0 <= seg.start < seg.end <= n
+            ranges.setdefault(seg.space, []).append((seg.start, seg.end))
+    for dn, rs in ranges.items():
+        rs.sort()
+        for (a0, a1), (b0, b1) in itertools.pairwise(rs):
+            assert a1 <= b0, f"overlapping segments in space {dn}"
+    if old is not None:
+        for dn in flat_new:
+            diff = (torch.cat(flat_old[dn]) != torch.cat(flat_new[dn])).nonzero().reshape(-1)
+            covered = torch.zeros(sum(t.numel() for t in flat_new[dn]), dtype=torch.bool)
+            for a, b in ranges.get(dn, []):
                 covered[a:b] = True
             assert bool(covered[diff].all())
 

@@ -21,6 +21,9 @@ from sparsesync.errors import RollbackRefused
 from sparsesync.format import HEADER_SEED, MAGIC, PREAMBLE, parse_bucket, update_uid
 from sparsesync.kernels import impl
 
+# corruptions of the format-1 structure; format 2: test_format2*.py and bench/fuzz.py
+pytestmark = pytest.mark.usefixtures("format1")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # fixtures and helpers

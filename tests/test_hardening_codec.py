@@ -33,6 +33,9 @@ from sparsesync.errors import (BaseMismatch, CorruptPayload, InvalidArgument, In
 from sparsesync.format import HEADER_KEYS, HEADER_SEED, MAGIC, PREAMBLE, parse_bucket, unpack_freq
 from sparsesync.kernels import impl
 
+# pins format-1 segments; the behaviour is shared with format 2 (test_format2.py)
+pytestmark = pytest.mark.usefixtures("format1")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -651,11 +654,17 @@ def test_dig_false_everywhere_without_digest_applies(case):
 # ---------------------------------------------------------------------------------------------------------------------
 # item 9: one canonical encoding
 
-@pytest.mark.parametrize("value", [True, 1.0, 2, "1", None])
+@pytest.mark.parametrize("value", [True, 1.0, 3, 0, "1", None])
 def test_format_version_must_be_the_integer_1(single, value):
     bad = rechain([single["bucket"]], lambda k, m, b: (dict(m, v=value), b))
     dst, dec = fresh(single)
     refused(dec, bad, CorruptPayload, match="format version")
+
+
+def test_format1_segments_under_version_2_are_refused(single):
+    bad = rechain([single["bucket"]], lambda k, m, b: (dict(m, v=2), b))
+    dst, dec = fresh(single)
+    refused(dec, bad, CorruptPayload, match="12-element array")
 
 
 @pytest.mark.parametrize("where", ["end", "start", "middle"])

@@ -12,9 +12,22 @@ from helpers import (examples, DTYPE_IDS, DTYPES, VALUE_MODES, apply_update, ass
                      random_tensor, roundtrip, seeds, shapes, special_patterns, styles, value_modes)
 from sparsesync import Decoder, Encoder, LayoutMismatch, state_digest
 
+# every round trip in both wire formats
+pytestmark = pytest.mark.usefixtures("wire_format")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # single tensors, everything drawn by hypothesis
+
+def _target(h, seg) -> str:
+    """What a segment addresses: a tensor name (format 1) or a dtype space (format 2)."""
+    return seg.name if h.v == 1 else seg.space
+
+
+def _key(hs, name: str, state: dict) -> str:
+    """The segment target holding tensor ``name`` in this update's format."""
+    return name if hs[0].v == 1 else str(state[name].dtype)[6:]
+
 
 @settings(max_examples=examples(200), deadline=None)
 @given(dtype=dtypes, shape=shapes(), density=densities, values=value_modes, seed=seeds, style=styles,
@@ -232,8 +245,8 @@ def test_small_buckets(multi_bucket_update, via):
     per_tensor = {}
     for h in hs:
         for seg in h.segs:
-            per_tensor.setdefault(seg.name, set()).add(h.idx)
-    assert len(per_tensor["b"]) >= 2, "a dense tensor must be split across buckets"
+            per_tensor.setdefault(_target(h, seg), set()).add(h.idx)
+    assert len(per_tensor[_key(hs, "b", new)]) >= 2, "a dense tensor must be split across buckets"
     assert any(len(h.segs) >= 2 for h in hs), "some bucket should hold several segments"
     assert {seg.kind for h in hs for seg in h.segs} == {"d", "s"}
     dst = clone_state(old)
@@ -267,10 +280,10 @@ def test_tensor_split_across_buckets(seed, values, bucket_bytes, dtype, density)
     check_segments_cover(upd, new, old)
     hs = headers(upd)
     if density == 1.0:  # 20000 elements of >= 1 byte, all changed: cannot fit one bucket of <= 9000 bytes
-        assert len({h.idx for h in hs for s in h.segs if s.name == "x"}) >= 2
-    for h in hs:  # sparse segments are chunk aligned, dense ones are not necessarily
+        assert len({h.idx for h in hs for s in h.segs if _target(h, s) == _key(hs, "x", new)}) >= 2
+    for h in hs:  # format 1: sparse segments are chunk aligned, dense ones are not necessarily
         for s in h.segs:
-            if s.kind == "s":
+            if s.kind == "s" and h.v == 1:
                 assert s.start % (1 << s.log2c) == 0
                 assert s.end % (1 << s.log2c) == 0 or s.end == new[s.name].numel()
 
@@ -438,8 +451,9 @@ def test_mixed_width_sparse_segments_in_one_bucket(kernels_in_use, values):
     new["e"][7] = -1.0
     upd, _ = roundtrip(old, new, values=values)
     hs = headers(upd)
-    kinds = {s.name: s.kind for s in hs[0].segs}
-    assert len(hs) == 1 and kinds["a"] == kinds["b"] == kinds["d"] == "s", kinds
+    kinds = {_target(hs[0], s): s.kind for s in hs[0].segs}
+    assert len(hs) == 1 and kinds[_key(hs, "a", new)] == kinds[_key(hs, "b", new)] == kinds[_key(hs, "d", new)] == \
+        "s", kinds
     # and in a chain, where the decoder reuses its staging buffers
     enc = Encoder(old, 0, values=values)
     dst = clone_state(old)

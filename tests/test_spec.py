@@ -17,6 +17,9 @@ from sparsesync import Encoder, state_digest
 from sparsesync.digest import layout_digest
 import itertools
 
+# pins format 1 against tests/spec.py; format 2: test_format2_reference.py, test_format2.py
+pytestmark = pytest.mark.usefixtures("format1")
+
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
 

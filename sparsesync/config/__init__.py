@@ -10,6 +10,7 @@ import os
 VARIABLES = {
     "SPARSESYNC_THREADS": ("0", "int", "CPU threads for native kernels; 0 = all cores"),
     "SPARSESYNC_BUCKET_BYTES": (str(32 << 20), "int", "default bucket body size target in bytes"),
+    "SPARSESYNC_FORMAT": ("2", "int", "wire format version encoders write (1 or 2); sessions use 1 with receivers that only read 1"),
     "SPARSESYNC_LIB": ("", "path", "load the native library from this path instead of the package directory"),
     "SPARSESYNC_REFERENCE": ("0", "bool", "1 = use the pure-PyTorch reference kernels even if the native library loads"),
     "SPARSESYNC_NCCL_LIB": ("", "path", "libnccl.so.2 to use for backend='nccl' (default: the nvidia-nccl wheel, then the system)"),

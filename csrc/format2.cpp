@@ -1,0 +1,1010 @@
+// Format-2 kernels (FORMAT.md §6): spaces (all tensors of one dtype as one flat array, passed as pieces), class
+// (context) coding of sparse segments, and the space versions of scatter / gather / put / take, plus tree64 of many
+// buffers at once. The hot loops live in ss2_kernels.h, compiled twice (portable and AVX-512BW + BMI2).
+//
+// A space is (ptrs, offs, npieces): piece t holds space elements [offs[t], offs[t+1]) at address ptrs[t];
+// offs[0] = 0, offs non-decreasing, N = offs[npieces]. A virtual element is located by binary search on offs, and
+// sequential walks keep a piece cursor, so the cost of a call does not depend on the number of pieces beyond one
+// binary search per chunk / thread range.
+#include <memory>
+
+#include "ss_coder.h"
+#include "ss_diff.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SS_PORTABLE)
+#define SS2_HAVE_LV1 1
+#include <immintrin.h>
+#endif
+
+namespace ss {
+namespace f2 {
+
+constexpr int kMaxClasses = 32;
+
+struct SpaceRef {
+  const uint64_t* ptrs;
+  const int64_t* offs;
+  int64_t np;
+  int64_t n;
+};
+
+// Piece holding element i (0 <= i < offs[np]): the largest t < np with offs[t] <= i (empty pieces are skipped).
+SS_INLINE int64_t locate(const int64_t* offs, int64_t np, int64_t i) {
+  int64_t lo = 0, hi = np;  // offs[lo] <= i < offs[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offs[mid] <= i)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Piece holding element i, trying the cursor t and its successor before a binary search.
+SS_INLINE int64_t piece_near(const int64_t* offs, int64_t np, int64_t i, int64_t t) {
+  if (i >= offs[t] && i < offs[t + 1]) return t;
+  if (t + 2 <= np && i >= offs[t + 1] && i < offs[t + 2]) return t + 1;
+  return locate(offs, np, i);
+}
+
+SS_INLINE uint8_t* elem_ptr(const uint64_t* ptrs, const int64_t* offs, int64_t t, int64_t i, int w) {
+  return (uint8_t*)(uintptr_t)ptrs[t] + (i - offs[t]) * w;
+}
+
+// Address of 64 readable elements starting at element v, of which the first cnt (1..64) are the ones wanted: the
+// elements in place when the piece holding v has 64 elements from v on, else a zero-padded copy in tmp. The cursor
+// t must not be past v's piece; v never decreases between calls.
+template <int W>
+SS_INLINE const uint8_t* fetch64(const uint64_t* ptrs, const int64_t* offs, int64_t& t, int64_t v, int cnt,
+                                 uint8_t* tmp) {
+  while (v >= offs[t + 1]) ++t;
+  if (v + 64 <= offs[t + 1]) return (const uint8_t*)(uintptr_t)ptrs[t] + (v - offs[t]) * W;
+  int done = 0;
+  int64_t u = t;
+  while (done < cnt) {
+    const int64_t vv = v + done;
+    while (vv >= offs[u + 1]) ++u;
+    const int take = (int)std::min<int64_t>(offs[u + 1] - vv, cnt - done);
+    memcpy(tmp + done * W, (const uint8_t*)(uintptr_t)ptrs[u] + (vv - offs[u]) * W, (size_t)take * W);
+    done += take;
+  }
+  memset(tmp + cnt * W, 0, (size_t)(64 - cnt) * W);
+  return tmp;
+}
+
+// Classes of FORMAT.md §6.3.
+struct Classes {
+  int K = 1, ncut = 0, kb = 0, shift = 0;
+  uint64_t thr[kMaxClasses];  // cuts[j] << shift: key(x) >= cuts[j] iff (x without its sign bit) >= thr[j]
+  uint8_t cut8[kMaxClasses];  // cuts[j] (< 2^kb <= 256)
+  uint8_t lut[256];           // key -> class
+  SS_INLINE int of(uint64_t x) const { return kb ? lut[(x >> shift) & low_mask(kb)] : 0; }
+};
+
+// Checks kb, K and cuts (FORMAT.md §6.5) and fills cl.
+inline bool classes_init(Classes& cl, int w, int kb, const int64_t* cuts, int ncuts) {
+  if (kb < 0 || kb > 8 || kb > 8 * w - 1 || ncuts < 0 || ncuts + 1 > kMaxClasses) return false;
+  if (kb == 0 && ncuts != 0) return false;
+  if (ncuts > 0 && !cuts) return false;
+  int64_t prev = 0;
+  for (int j = 0; j < ncuts; ++j) {
+    if (cuts[j] <= prev || cuts[j] >= ((int64_t)1 << kb)) return false;
+    prev = cuts[j];
+  }
+  cl.K = ncuts + 1;
+  cl.ncut = ncuts;
+  cl.kb = kb;
+  cl.shift = kb ? 8 * w - 1 - kb : 0;
+  for (int j = 0; j < ncuts; ++j) {
+    cl.thr[j] = (uint64_t)cuts[j] << cl.shift;
+    cl.cut8[j] = (uint8_t)cuts[j];
+  }
+  for (int key = 0; key < 256; ++key) {
+    int c = 0;
+    while (c < ncuts && cuts[c] <= key) ++c;
+    cl.lut[key] = (uint8_t)c;
+  }
+  return true;
+}
+
+inline bool space_ok(const uint64_t* ptrs, const int64_t* offs, int64_t np) {
+  if (np < 0 || !offs || offs[0] != 0) return false;
+  if (np > 0 && !ptrs) return false;
+  for (int64_t t = 0; t < np; ++t)
+    if (offs[t + 1] < offs[t]) return false;
+  return offs[np] <= INT64_MAX / 16;
+}
+
+// ---------------------------------------------------------------- encoder types
+template <int W>
+struct Rec {
+  uint32_t pos;   // within the chunk
+  uint32_t rank;  // among the chunk's elements of its class
+  uint32_t gap;   // gap before it in its class (first or later gap)
+  uint8_t cls, sym;
+  typename UInt<W>::T newv, oldv;
+};
+
+// Per-worker encoder state. The Rice parameter rule needs sum(g >> k) over a class's gaps for every k: with
+// bits[c][j] = number of class-c gaps with bit j set, sum(g >> k) = sum over j >= k of bits[c][j] << (j - k).
+template <int W>
+struct EncWorker {
+  std::vector<Rec<W>> recs;
+  uint64_t bits[kMaxClasses * 64];
+  uint64_t ngaps[kMaxClasses];
+  uint32_t present = 0;
+  EncWorker() {
+    memset(bits, 0, sizeof(bits));
+    memset(ngaps, 0, sizeof(ngaps));
+  }
+  SS_INLINE void add_gap(int c, uint64_t g) {
+    ++ngaps[c];
+    uint64_t* b = bits + c * 64;
+    for (; g; g &= g - 1) ++b[ctz64(g)];
+  }
+};
+
+struct EncCtx {
+  SpaceRef O;
+  const uint64_t* nptrs;
+  Classes cl;
+  int64_t start, end;
+  int log2c;
+  const uint32_t* freqs;  // K x 256
+};
+
+// ---------------------------------------------------------------- decoder types
+struct DChunk {
+  int64_t j, n;
+  uint64_t data_off, rl, bl;
+  int64_t out_off;
+};
+
+struct DecCtx {
+  SpaceRef O;
+  Classes cl;
+  int64_t start, end;
+  int log2c;
+  const uint8_t* seg;
+  int npres;
+  int pcls[kMaxClasses];  // present classes, increasing
+  int pk[kMaxClasses];    // their Rice parameters
+  const uint32_t* info;   // npres x 4096 slot tables (as ss_decode's)
+  const uint32_t* cinfo[kMaxClasses];  // by class: its slot table (present classes only)
+  int ck[kMaxClasses];                 // by class: its Rice parameter (present classes only)
+  int64_t* idx_out;
+  uint8_t* val_out;
+};
+
+struct RansDec {
+  uint32_t x;
+  uint64_t rp;
+  const uint8_t* p;
+  uint64_t rl;
+};
+
+SS_INLINE int rans_step(RansDec& r, const uint32_t* info, int* sym) {
+  const uint32_t e = info[r.x & (kProbScale - 1)];
+  r.x = ((e & 0xfff) + 1) * (r.x >> kProbBits) + ((e >> 12) & 0xfff);
+  *sym = (int)(e >> 24);
+  while (r.x < kRansL) {
+    if (SS_UNLIKELY(r.rp >= r.rl)) return SS_ESTREAM;
+    r.x = (r.x << 8) | r.p[r.rp++];
+  }
+  return SS_OK;
+}
+
+// One Rice-coded gap with parameter k; a unary part above `limit` (= chunk length >> k) is SS_EPOS (the gap runs
+// past the chunk), a read past the stream (total bits) SS_ESTREAM.
+SS_INLINE int read_gap(BitReader& br, uint64_t total, int k, uint64_t limit, uint64_t* g) {
+  const uint64_t v = br.peek();
+  const int r = ctz64(~v | (1ull << 56));
+  if (SS_LIKELY(r < 56 && r + 1 + k <= 56 && (uint64_t)r <= limit && br.bitpos + (uint64_t)(r + 1 + k) <= total)) {
+    *g = ((uint64_t)r << k) | ((v >> (r + 1)) & low_mask(k));
+    br.skip((uint64_t)(r + 1 + k));
+    return SS_OK;
+  }
+  uint64_t run = 0;
+  for (;;) {
+    const int rr = ctz64(~br.peek() | (1ull << 56));
+    run += (uint64_t)rr;
+    if (run > limit) return SS_EPOS;
+    br.bitpos += (uint64_t)rr;
+    if (rr < 56) break;
+  }
+  if (br.bitpos >= total) return SS_ESTREAM;  // the terminating zero is missing
+  br.bitpos += 1;
+  if (br.bitpos + (uint64_t)k > total) return SS_ESTREAM;
+  *g = (run << k) | br.get(k);
+  return SS_OK;
+}
+
+}  // namespace f2
+}  // namespace ss
+
+// ---------------------------------------------------------------- the two copies of the hot loops
+namespace ss {
+namespace f2 {
+#define SS2_NS lv0
+#define SS2_LV 0
+#include "ss2_kernels.h"  // NOLINT: no include guard, included twice on purpose
+#undef SS2_NS
+#undef SS2_LV
+
+#ifdef SS2_HAVE_LV1
+#pragma GCC push_options
+#pragma GCC target("avx2,avx512f,avx512bw,avx512vl,avx512dq,bmi,bmi2,popcnt,lzcnt")
+// GCC 12 warns about _mm512_undefined_epi32() inside its own intrinsics (false positive, as in hash.cpp)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define SS2_NS lv1
+#define SS2_LV 1
+#include "ss2_kernels.h"  // NOLINT: no include guard, included twice on purpose
+#undef SS2_NS
+#undef SS2_LV
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// 1 when the AVX-512BW + BMI2 copy may run (CPU support and the ss_simd cap), else 0.
+static int level() {
+#ifdef SS2_HAVE_LV1
+  static const int cpu = [] {
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))
+               ? 1
+               : 0;
+  }();
+  return cpu && simd(-1) >= 1 ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// ---------------------------------------------------------------- scan
+template <int W, int MODE>
+int64_t scan_impl(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, uint32_t* counts, uint64_t* hist,
+                  uint64_t* keys, int64_t* pieces, int nthreads) {
+  if (pieces)
+    for (int64_t t = 0; t < O.np; ++t) pieces[t] = 0;
+  const int64_t n = O.n;
+  const int64_t nkeys = cl.kb ? ((int64_t)1 << cl.kb) : 1;
+  const int64_t nblocks = (n + kFineBlock - 1) / kFineBlock;
+  const int64_t per_task = 64;
+  const int64_t ntasks = (nblocks + per_task - 1) / per_task;
+  const int nt = plan_threads(nthreads, ntasks, n * W, 4 << 20);
+  const size_t hsz = (size_t)nkeys * 256;
+  std::vector<uint64_t> lh((size_t)nt * hsz, 0), lk((size_t)nt * nkeys, 0);
+  const int lv = level();
+  parallel_for(ntasks, nt, [&](int64_t t, int wid) {
+    const int64_t b0 = t * per_task, b1 = std::min(nblocks, b0 + per_task);
+    uint64_t* h = &lh[(size_t)wid * hsz];
+    uint64_t* k = &lk[(size_t)wid * nkeys];
+#ifdef SS2_HAVE_LV1
+    if (lv) {
+      lv1::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces);
+      return;
+    }
+#endif
+    (void)lv;
+    lv0::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces);
+  });
+  int64_t total = 0;
+  for (size_t i = 0; i < hsz; ++i) {
+    uint64_t s = 0;
+    for (int w = 0; w < nt; ++w) s += lh[(size_t)w * hsz + i];
+    hist[i] = s;
+    total += (int64_t)s;
+  }
+  for (int64_t i = 0; i < nkeys; ++i) {
+    uint64_t s = 0;
+    for (int w = 0; w < nt; ++w) s += lk[(size_t)w * nkeys + i];
+    keys[i] = s;
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------- encode
+struct ChunkOut {
+  int64_t n = 0;
+  int worker = 0;       // pass 1 worker (its recs)
+  uint64_t rec_off = 0;  // first record in that worker's recs
+  int out_worker = 0;   // pass 2 worker (its arena)
+  uint64_t rans_off = 0, rans_len = 0, bits_off = 0, bits_len = 0;
+};
+
+struct Arena {
+  std::vector<uint8_t> buf;
+  uint64_t alloc(uint64_t nbytes) {
+    const uint64_t off = buf.size();
+    const uint64_t need = off + nbytes;
+    if (need > buf.capacity()) buf.reserve(std::max<uint64_t>(need, buf.capacity() * 2));
+    buf.resize(need);
+    return off;
+  }
+};
+
+template <int W, int MODE>
+int nextra_of(int sym) {
+  return MODE == 1 ? 8 * W - 8 : (sym < 16 ? 0 : sym - 12);
+}
+
+// Pass 2 for one chunk with changes: the bit stream and the rANS stream into the worker's arena.
+template <int W, int MODE>
+void enc_write(const EncCtx& E, const Rec<W>* R, int64_t n, const uint32_t* totals, uint32_t present, const int* ks,
+               const RansEncSym* enc, Arena& ar, std::vector<uint32_t>& after, uint8_t* vals_out, ChunkOut& out) {
+  typedef typename UInt<W>::T T;
+  const int K = E.cl.K;
+  int64_t first[kMaxClasses], lastx[kMaxClasses];
+  for (int c = 0; c < K; ++c) first[c] = lastx[c] = -1;
+  after.resize((size_t)n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int c = R[i].cls;
+    if (lastx[c] >= 0)
+      after[(size_t)lastx[c]] = R[i].gap;
+    else
+      first[c] = i;
+    lastx[c] = i;
+  }
+  for (int c = 0; c < K; ++c)
+    if (lastx[c] >= 0) after[(size_t)lastx[c]] = totals[c] - R[lastx[c]].rank - 1;
+  uint64_t firstgap[kMaxClasses];
+  uint64_t nbits = 0;
+  for (int c = 0; c < K; ++c) {
+    if (!(present >> c & 1)) continue;
+    firstgap[c] = first[c] >= 0 ? R[first[c]].gap : totals[c];
+    nbits += (firstgap[c] >> ks[c]) + 1 + (uint64_t)ks[c];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int c = R[i].cls;
+    nbits += (uint64_t)nextra_of<W, MODE>(R[i].sym) + (after[(size_t)i] >> ks[c]) + 1 + (uint64_t)ks[c];
+  }
+  out.bits_len = (nbits + 7) / 8;
+  const uint64_t rans_cap = 2 * (uint64_t)n + 8;
+  const uint64_t base = ar.alloc(out.bits_len + 8 + rans_cap);
+  uint8_t* A = ar.buf.data();
+  out.bits_off = base;
+  const uint64_t rans_region = base + out.bits_len + 8;
+  {
+    BitWriter bw(A + out.bits_off);
+    for (int c = 0; c < K; ++c)
+      if (present >> c & 1) bw.rice(firstgap[c], ks[c]);
+    for (int64_t i = 0; i < n; ++i) {
+      const Rec<W>& r = R[i];
+      uint64_t ev;
+      int eb;
+      if (MODE == 0)
+        delta_symbol<W>((T)r.oldv, (T)r.newv, &ev, &eb);
+      else
+        raw_symbol<W>((T)r.newv, &ev, &eb);
+      if (eb) bw.put_long(ev, eb);
+      bw.rice(after[(size_t)i], ks[r.cls]);
+    }
+  }
+  {
+    uint8_t* end = A + rans_region + rans_cap;
+    uint8_t* p = end;
+    uint32_t x = kRansL;
+    for (int64_t i = n - 1; i >= 0; --i) x = rans_enc_put(x, &p, enc[(size_t)R[i].cls * 256 + R[i].sym]);
+    p -= 4;
+    store_u32(p, x);
+    out.rans_off = (uint64_t)(p - A);
+    out.rans_len = (uint64_t)(end - p);
+  }
+  for (int64_t i = 0; i < n; ++i) store_elem<W>(vals_out + (size_t)i * W, R[i].newv);
+}
+
+template <int W, int MODE>
+int encode_impl(const EncCtx& E, uint8_t* table_out, int64_t table_cap, int64_t* table_len, uint8_t* data_out,
+                int64_t data_cap, int64_t* data_len, int32_t* ks_out, uint64_t* values_hash, int64_t* nchanged,
+                bool update_old, int nthreads) {
+  const int K = E.cl.K;
+  const int64_t C = (int64_t)1 << E.log2c;
+  const int64_t nch = (E.end - E.start + C - 1) / C;
+  const int nt = plan_threads(nthreads, nch, (E.end - E.start) * W, 2 << 20);
+  std::vector<ChunkOut> outs((size_t)nch);
+  std::vector<uint32_t> totals((size_t)nch * K);
+  std::vector<EncWorker<W>> wks((size_t)nt);
+  std::vector<int> errs((size_t)nch, 0);
+  const int lv = level();
+  (void)lv;
+  // ---- pass 1: changes, classes, ranks, gap costs
+  parallel_for(nch, nt, [&](int64_t j, int wid) {
+    ChunkOut& o = outs[(size_t)j];
+    EncWorker<W>& wk = wks[(size_t)wid];
+    o.worker = wid;
+    o.rec_off = wk.recs.size();
+    int64_t cnt = 0;
+    int rc;
+    try {
+#ifdef SS2_HAVE_LV1
+      if (lv)
+        rc = lv1::enc_chunk<W, MODE>(E, j, wk, &totals[(size_t)j * K], &cnt);
+      else
+#endif
+        rc = lv0::enc_chunk<W, MODE>(E, j, wk, &totals[(size_t)j * K], &cnt);
+    } catch (...) {
+      rc = SS_ENOMEM;
+    }
+    o.n = cnt;
+    errs[(size_t)j] = rc;
+  });
+  for (int e : errs)
+    if (e) return e;
+  uint32_t present = 0;
+  uint64_t bits[kMaxClasses * 64];
+  uint64_t ngaps[kMaxClasses];
+  memset(bits, 0, sizeof(bits));
+  memset(ngaps, 0, sizeof(ngaps));
+  for (const EncWorker<W>& wk : wks) {
+    present |= wk.present;
+    for (int i = 0; i < kMaxClasses * 64; ++i) bits[i] += wk.bits[i];
+    for (int c = 0; c < kMaxClasses; ++c) ngaps[c] += wk.ngaps[c];
+  }
+  // ---- Rice parameter per present class: smallest k minimising sum over its gaps of (g >> k) + k + 1
+  int ks[kMaxClasses];
+  for (int c = 0; c < K; ++c) {
+    ks[c] = -1;
+    if (!(present >> c & 1)) continue;
+    if (!freq_table_ok(E.freqs + (size_t)c * 256)) return SS_ERANS;
+    uint64_t best = 0;
+    for (int k = 0; k <= E.log2c; ++k) {
+      uint64_t sum = 0;  // sum of (g >> k) over the class's gaps
+      for (int j = k; j < 64; ++j) sum += bits[c * 64 + j] << (j - k);
+      const uint64_t v = sum + ngaps[c] * (uint64_t)(k + 1);
+      if (k == 0 || v < best) {
+        best = v;
+        ks[c] = k;
+      }
+    }
+  }
+  for (int c = 0; c < K; ++c) ks_out[c] = ks[c];
+  std::vector<RansEncSym> enc((size_t)K * 256);
+  for (int c = 0; c < K; ++c)
+    if (present >> c & 1) rans_enc_init(&enc[(size_t)c * 256], E.freqs + (size_t)c * 256);
+  // ---- pass 2: streams (values straight into the buffer of values_hash)
+  std::vector<int64_t> work;
+  std::vector<uint64_t> voff((size_t)nch);
+  uint64_t total_n = 0;
+  for (int64_t j = 0; j < nch; ++j) {
+    voff[(size_t)j] = total_n * W;
+    total_n += (uint64_t)outs[(size_t)j].n;
+    if (outs[(size_t)j].n) work.push_back(j);
+  }
+  std::unique_ptr<uint8_t[]> vals(new uint8_t[(size_t)std::max<uint64_t>(1, total_n * W)]);
+  const int nt2 = plan_threads(nthreads, (int64_t)work.size(), (int64_t)work.size(), 4);
+  std::vector<Arena> arenas((size_t)nt2);
+  std::vector<std::vector<uint32_t>> afters((size_t)nt2);
+  std::atomic<bool> oom(false);
+  parallel_for((int64_t)work.size(), nt2, [&](int64_t t, int wid) {
+    const int64_t j = work[(size_t)t];
+    ChunkOut& o = outs[(size_t)j];
+    o.out_worker = wid;
+    try {
+      enc_write<W, MODE>(E, &wks[(size_t)o.worker].recs[o.rec_off], o.n, &totals[(size_t)j * K], present, ks,
+                         enc.data(), arenas[(size_t)wid], afters[(size_t)wid], vals.get() + voff[(size_t)j], o);
+    } catch (...) {
+      oom.store(true);
+    }
+  });
+  if (oom.load()) return SS_ENOMEM;
+  afters.clear();
+  // ---- sizes, table, data, values
+  uint64_t tlen = 0, dlen = 0;
+  for (const ChunkOut& o : outs) {
+    tlen += (uint64_t)varint_size((uint64_t)o.n);
+    if (o.n) tlen += (uint64_t)varint_size(o.rans_len) + (uint64_t)varint_size(o.bits_len);
+    dlen += o.rans_len + o.bits_len;
+  }
+  *table_len = (int64_t)tlen;
+  *data_len = (int64_t)dlen;
+  *nchanged = (int64_t)total_n;
+  if (tlen > (uint64_t)table_cap || dlen > (uint64_t)data_cap) return SS_ECOUNT;
+  std::vector<uint64_t> doff((size_t)nch);
+  {
+    uint8_t* tp = table_out;
+    uint64_t d = 0;
+    for (int64_t j = 0; j < nch; ++j) {
+      const ChunkOut& o = outs[(size_t)j];
+      tp = varint_put(tp, (uint64_t)o.n);
+      if (o.n) {
+        tp = varint_put(tp, o.rans_len);
+        tp = varint_put(tp, o.bits_len);
+      }
+      doff[(size_t)j] = d;
+      d += o.rans_len + o.bits_len;
+    }
+  }
+  parallel_for((int64_t)work.size(), nt2, [&](int64_t t, int) {
+    const int64_t j = work[(size_t)t];
+    const ChunkOut& o = outs[(size_t)j];
+    const uint8_t* A = arenas[(size_t)o.out_worker].buf.data();
+    memcpy(data_out + doff[(size_t)j], A + o.rans_off, (size_t)o.rans_len);
+    memcpy(data_out + doff[(size_t)j] + o.rans_len, A + o.bits_off, (size_t)o.bits_len);
+  });
+  arenas.clear();
+  *values_hash = tree64(vals.get(), total_n * W, nthreads);
+  vals.reset();
+  if (update_old) {
+    parallel_for((int64_t)work.size(), nt2, [&](int64_t t, int) {
+      const int64_t j = work[(size_t)t];
+      const ChunkOut& o = outs[(size_t)j];
+      const Rec<W>* R = &wks[(size_t)o.worker].recs[o.rec_off];
+      const int64_t cs = E.start + j * C;
+      int64_t cur = locate(E.O.offs, E.O.np, cs);
+      for (int64_t i = 0; i < o.n; ++i) {
+        const int64_t v = cs + (int64_t)R[i].pos;
+        while (v >= E.O.offs[cur + 1]) ++cur;
+        store_elem<W>(elem_ptr(E.O.ptrs, E.O.offs, cur, v, W), (typename UInt<W>::T)R[i].newv);
+      }
+    });
+  }
+  return SS_OK;
+}
+
+// ---------------------------------------------------------------- decode
+template <int W, int MODE>
+int decode_impl(const DecCtx& D, const std::vector<DChunk>& chunks, int64_t nchanged, int nthreads) {
+  const int64_t nc = (int64_t)chunks.size();
+  const bool ctx = D.cl.ncut > 0;
+  const int64_t work = ctx ? (D.end - D.start) * W : nchanged * 8;
+  const int nt = plan_threads(nthreads, nc, work, ctx ? (1 << 20) : (1 << 17));
+  std::vector<int> errs((size_t)nc, 0);
+  std::atomic<int64_t> first_bad(INT64_MAX);
+  const int lv = level();
+  (void)lv;
+  parallel_for(nc, nt, [&](int64_t t, int) {
+    if (t > first_bad.load(std::memory_order_relaxed)) return;  // an earlier chunk already failed
+    const DChunk& e = chunks[(size_t)t];
+    int rc;
+#ifdef SS2_HAVE_LV1
+    if (lv) {
+      if (!ctx)
+        rc = lv1::dec_chunk_plain<W, MODE>(D, e);
+      else if (D.cl.K <= 8)
+        rc = lv1::dec_chunk_ctx<W, MODE, 1>(D, e);
+      else if (D.cl.K <= 16)
+        rc = lv1::dec_chunk_ctx<W, MODE, 2>(D, e);
+      else
+        rc = lv1::dec_chunk_ctx<W, MODE, 4>(D, e);
+    } else
+#endif
+      rc = ctx ? lv0::dec_chunk_ctx<W, MODE, 1>(D, e) : lv0::dec_chunk_plain<W, MODE>(D, e);
+    if (rc) {
+      errs[(size_t)t] = rc;
+      int64_t cur = first_bad.load();
+      while (t < cur && !first_bad.compare_exchange_weak(cur, t)) {
+      }
+    }
+  });
+  const int64_t fb = first_bad.load();
+  return fb != INT64_MAX ? errs[(size_t)fb] : SS_OK;
+}
+
+template <int MODE>
+int decode_w(int w, const DecCtx& D, const std::vector<DChunk>& chunks, int64_t nchanged, int nt) {
+  switch (w) {
+    case 1: return decode_impl<1, MODE>(D, chunks, nchanged, nt);
+    case 2: return decode_impl<2, MODE>(D, chunks, nchanged, nt);
+    case 4: return decode_impl<4, MODE>(D, chunks, nchanged, nt);
+    case 8: return decode_impl<8, MODE>(D, chunks, nchanged, nt);
+  }
+  return SS_EARG;
+}
+
+inline bool width_ok(int w) { return w == 1 || w == 2 || w == 4 || w == 8; }
+
+int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint64_t* optrs, const int64_t* offs,
+                 int64_t np, int w, int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts,
+                 int ncuts, const int32_t* ks, const uint32_t* freqs, int64_t nchanged, uint64_t expected_hash,
+                 int64_t* idx_out, uint8_t* val_out, int nthreads) {
+  if (!width_ok(w) || mode < 0 || mode > 2 || log2c < 12 || log2c > 30) return SS_EARG;
+  if (!space_ok(optrs, offs, np)) return SS_EARG;
+  const int64_t n = offs[np];
+  if (start < 0 || start >= end || end > n) return SS_EARG;
+  if (seg_len < 0 || seg_len > (INT64_MAX >> 4) || (seg_len > 0 && !seg) || !freqs || !ks) return SS_EARG;
+  DecCtx D;
+  if (!classes_init(D.cl, w, kb, cuts, ncuts)) return SS_EARG;
+  const int K = D.cl.K;
+  // ---- classes: at least one present, k <= log2c, valid tables (no symbol above the mode's largest)
+  const int maxsym = mode == 1 ? 255 : std::min(255, 16 + 8 * w - 4);
+  D.npres = 0;
+  for (int c = 0; c < K; ++c) {
+    if (ks[c] < 0) continue;
+    if (ks[c] > log2c) return SS_ETABLE;
+    const uint32_t* f = freqs + (size_t)c * 256;
+    if (!freq_table_ok(f)) return SS_ERANS;
+    for (int s = maxsym + 1; s < 256; ++s)
+      if (f[s]) return SS_ERANS;
+    D.pcls[D.npres] = c;
+    D.pk[D.npres] = ks[c];
+    ++D.npres;
+  }
+  if (D.npres == 0) return SS_ETABLE;
+  if (table_len < 0 || table_len > seg_len) return SS_ETABLE;
+  // ---- chunk table (serial, in order)
+  const int64_t C = (int64_t)1 << log2c;
+  const int64_t nch = (end - start + C - 1) / C;
+  const uint64_t tl = (uint64_t)table_len, sl = (uint64_t)seg_len;
+  std::vector<DChunk> chunks;
+  uint64_t pos = 0, data_pos = tl, total = 0;
+  for (int64_t j = 0; j < nch; ++j) {
+    uint64_t cnt;
+    if (!varint_get(seg, tl, &pos, &cnt)) return SS_ETABLE;
+    const int64_t clen = std::min(C, end - (start + j * C));
+    if (cnt > (uint64_t)clen) return SS_ETABLE;
+    if (cnt == 0) continue;
+    uint64_t rl, bl;
+    if (!varint_get(seg, tl, &pos, &rl)) return SS_ETABLE;
+    if (!varint_get(seg, tl, &pos, &bl)) return SS_ETABLE;
+    if (rl > sl || bl > sl || data_pos + rl + bl > sl) return SS_ETABLE;
+    chunks.push_back(DChunk{j, (int64_t)cnt, data_pos, rl, bl, (int64_t)total});
+    data_pos += rl + bl;
+    total += cnt;
+  }
+  if (pos != tl) return SS_ETABLE;
+  if (data_pos != sl) return SS_ETABLE;
+  if (nchanged < 1 || total != (uint64_t)nchanged) return SS_ECOUNT;
+  if (!idx_out || !val_out) return SS_EARG;
+  // ---- symbol tables of the present classes
+  std::vector<uint32_t> info((size_t)D.npres * kProbScale);
+  for (int q = 0; q < D.npres; ++q) {
+    const uint32_t* f = freqs + (size_t)D.pcls[q] * 256;
+    uint32_t* tab = &info[(size_t)q * kProbScale];
+    uint32_t acc = 0;
+    for (int s = 0; s < 256; ++s) {
+      for (uint32_t j = 0; j < f[s]; ++j) tab[acc + j] = (f[s] - 1) | (j << 12) | ((uint32_t)s << 24);
+      acc += f[s];
+    }
+  }
+  D.O = SpaceRef{optrs, offs, np, n};
+  D.start = start;
+  D.end = end;
+  D.log2c = log2c;
+  D.seg = seg;
+  D.info = info.data();
+  for (int q = 0; q < D.npres; ++q) {
+    D.cinfo[D.pcls[q]] = &info[(size_t)q * kProbScale];
+    D.ck[D.pcls[q]] = D.pk[q];
+  }
+  D.idx_out = idx_out;
+  D.val_out = val_out;
+  const int rc = mode == 0   ? decode_w<0>(w, D, chunks, nchanged, nthreads)
+                 : mode == 1 ? decode_w<1>(w, D, chunks, nchanged, nthreads)
+                             : decode_w<2>(w, D, chunks, nchanged, nthreads);
+  if (rc) return rc;
+  if (mode == 2) return SS_OK;  // differences only: the caller checks the hash after ss2_add_scatter
+  uint64_t h;
+  try {
+    h = tree64(val_out, (uint64_t)nchanged * (uint64_t)w, nthreads);
+  } catch (...) {
+    h = tree64_serial(val_out, (uint64_t)nchanged * (uint64_t)w);
+  }
+  return h == expected_hash ? SS_OK : SS_EHASH;
+}
+
+// ---------------------------------------------------------------- scatter / add_scatter / take
+// every idx[i] in [0, n), checked in parallel before a kernel writes anything
+bool indices_ok(const int64_t* idx, int64_t count, int64_t n, int64_t ntasks, int64_t per_task, int nt) {
+  std::atomic<bool> bad(false);
+  parallel_for(ntasks, nt, [&](int64_t t, int) {
+    const int64_t b = t * per_task, e = std::min(count, b + per_task);
+    bool ok = true;
+    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  return !bad.load();
+}
+
+SS_INLINE void mark(uint8_t* touched, int64_t t) {
+  if (touched) __atomic_store_n(&touched[t], (uint8_t)1, __ATOMIC_RELAXED);
+}
+
+// op 0: dst = vals; op 1: dst += d; op 2: dst -= d; op 3: out = src (take). new_out (ops 1, 2) gets the results.
+template <int W, int OP>
+int indexed_impl(const uint64_t* ptrs, const int64_t* offs, int64_t np, const int64_t* idx, const uint8_t* in,
+                 uint8_t* out, int64_t count, uint8_t* touched, int nthreads) {
+  typedef typename UInt<W>::T T;
+  const int64_t n = offs[np];
+  const int64_t per_task = 1 << 16;
+  const int64_t ntasks = (count + per_task - 1) / per_task;
+  const int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
+  if (!indices_ok(idx, count, n, ntasks, per_task, nt)) return SS_EPOS;
+  parallel_for(ntasks, nt, [&](int64_t task, int) {
+    const int64_t b = task * per_task, e = std::min(count, b + per_task);
+    int64_t t = locate(offs, np, idx[b]), ta = t;
+    int64_t marked = -1;
+    const int64_t kAhead = 16;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t v = idx[i];
+      t = piece_near(offs, np, v, t);
+      uint8_t* p = elem_ptr(ptrs, offs, t, v, W);
+      if (i + kAhead < e) {  // independent loads instead of a chain of misses (a second cursor, ahead)
+        const int64_t va = idx[i + kAhead];
+        ta = piece_near(offs, np, va, ta);
+        if (OP == 3)
+          __builtin_prefetch(elem_ptr(ptrs, offs, ta, va, W), 0, 3);
+        else
+          __builtin_prefetch(elem_ptr(ptrs, offs, ta, va, W), 1, 3);
+      }
+      if (OP != 3 && t != marked) {
+        mark(touched, t);
+        marked = t;
+      }
+      if (OP == 0) {
+        memcpy(p, in + i * W, W);
+      } else if (OP == 3) {
+        memcpy(out + i * W, p, W);
+      } else {
+        const T dv = load_elem<W>(in + i * W);
+        const T nv = OP == 2 ? (T)(load_elem<W>(p) - dv) : (T)(load_elem<W>(p) + dv);
+        store_elem<W>(p, nv);
+        if (out) store_elem<W>(out + i * W, nv);
+      }
+    }
+  });
+  return SS_OK;
+}
+
+template <int OP>
+int indexed_w(int w, const uint64_t* ptrs, const int64_t* offs, int64_t np, const int64_t* idx, const uint8_t* in,
+              uint8_t* out, int64_t count, uint8_t* touched, int nthreads) {
+  if (!width_ok(w) || count < 0 || !space_ok(ptrs, offs, np)) return SS_EARG;
+  if (count > 0 && (!idx || (OP != 3 && !in) || (OP == 3 && !out))) return SS_EARG;
+  if (count == 0) return SS_OK;
+  switch (w) {
+    case 1: return indexed_impl<1, OP>(ptrs, offs, np, idx, in, out, count, touched, nthreads);
+    case 2: return indexed_impl<2, OP>(ptrs, offs, np, idx, in, out, count, touched, nthreads);
+    case 4: return indexed_impl<4, OP>(ptrs, offs, np, idx, in, out, count, touched, nthreads);
+    case 8: return indexed_impl<8, OP>(ptrs, offs, np, idx, in, out, count, touched, nthreads);
+  }
+  return SS_EARG;
+}
+
+// ---------------------------------------------------------------- gather / put
+// Copies space elements [start, end) to (put = false) or from (put = true) buf, in parallel ranges.
+int range_copy(const uint64_t* ptrs, const int64_t* offs, int64_t np, int w, int64_t start, int64_t end, uint8_t* buf,
+               bool put, uint8_t* touched, int nthreads) {
+  if (!width_ok(w) || !space_ok(ptrs, offs, np)) return SS_EARG;
+  const int64_t n = offs[np];
+  if (start < 0 || end < start || end > n) return SS_EARG;
+  if (end == start) return SS_OK;
+  if (!buf) return SS_EARG;
+  const int64_t cnt = end - start;
+  const int64_t per_task = std::max<int64_t>(1, ((int64_t)1 << 20) / w);  // 1 MiB per task
+  const int64_t ntasks = (cnt + per_task - 1) / per_task;
+  const int nt = plan_threads(nthreads, ntasks, cnt * w, 1 << 21);
+  parallel_for(ntasks, nt, [&](int64_t task, int) {
+    const int64_t b = start + task * per_task, e = std::min(end, b + per_task);
+    int64_t t = locate(offs, np, b);
+    int64_t v = b;
+    while (v < e) {
+      while (v >= offs[t + 1]) ++t;
+      const int64_t take = std::min(e, offs[t + 1]) - v;
+      uint8_t* p = elem_ptr(ptrs, offs, t, v, w);
+      uint8_t* q = buf + (v - start) * w;
+      if (put) {
+        memcpy(p, q, (size_t)(take * w));
+        mark(touched, t);
+      } else {
+        memcpy(q, p, (size_t)(take * w));
+      }
+      v += take;
+    }
+  });
+  return SS_OK;
+}
+
+// ---------------------------------------------------------------- tree64 of many buffers
+int tree64_many(const uint64_t* ptrs, const uint64_t* lens, int64_t count, uint64_t* out, int nthreads) {
+  if (count < 0 || (count > 0 && (!ptrs || !lens || !out))) return SS_EARG;
+  if (count == 0) return SS_OK;
+  std::vector<uint64_t> base((size_t)count + 1);
+  base[0] = 0;
+  uint64_t bytes = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (lens[i] && !ptrs[i]) return SS_EARG;
+    const uint64_t nl = lens[i] == 0 ? 1 : (lens[i] + kLeafBytes - 1) / kLeafBytes;
+    base[(size_t)i + 1] = base[(size_t)i] + nl;
+    bytes += lens[i];
+  }
+  const uint64_t nleaves = base[(size_t)count];
+  std::vector<uint8_t> leaves((size_t)(nleaves * 8));
+  const int64_t per_task = 64;
+  const int64_t ntasks = (int64_t)((nleaves + per_task - 1) / per_task);
+  const int nt = plan_threads(nthreads, ntasks, (int64_t)bytes + (int64_t)nleaves * 64, 1 << 20);
+  parallel_for(ntasks, nt, [&](int64_t task, int) {
+    const uint64_t b = (uint64_t)task * per_task, e = std::min<uint64_t>(nleaves, b + per_task);
+    // buffer holding leaf b: the largest i with base[i] <= b
+    int64_t lo = 0, hi = count;
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (base[(size_t)mid] <= b)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    // full leaves in batches of 8 (whatever buffer they belong to), short leaves one by one
+    const uint8_t* src[8] = {};
+    uint64_t seeds[8] = {}, slot[8] = {}, h[8];
+    int nb = 0;
+    for (int64_t i = lo; i < count && base[(size_t)i] < e; ++i) {
+      const uint64_t lb = std::max(b, base[(size_t)i]) - base[(size_t)i];
+      const uint64_t le = std::min(e, base[(size_t)i + 1]) - base[(size_t)i];
+      const uint8_t* data = (const uint8_t*)(uintptr_t)ptrs[i];
+      for (uint64_t l = lb; l < le; ++l) {
+        const uint64_t off = l * kLeafBytes;
+        if (lens[i] - std::min(lens[i], off) < kLeafBytes) {
+          store_u64(leaves.data() + (base[(size_t)i] + l) * 8, h64(data + off, lens[i] - off, l));
+          continue;
+        }
+        src[nb] = data + off;
+        seeds[nb] = l;
+        slot[nb] = base[(size_t)i] + l;
+        if (++nb == 8) {
+          hash_full_leaves(src, seeds, 8, h);
+          for (int q = 0; q < 8; ++q) store_u64(leaves.data() + slot[q] * 8, h[q]);
+          nb = 0;
+        }
+      }
+    }
+    hash_full_leaves(src, seeds, nb, h);
+    for (int q = 0; q < nb; ++q) store_u64(leaves.data() + slot[q] * 8, h[q]);
+  });
+  const int64_t per_task2 = 256;
+  const int64_t ntasks2 = (count + per_task2 - 1) / per_task2;
+  parallel_for(ntasks2, plan_threads(nthreads, ntasks2, (int64_t)nleaves * 8, 1 << 20), [&](int64_t task, int) {
+    const int64_t b = task * per_task2, e = std::min(count, b + per_task2);
+    for (int64_t i = b; i < e; ++i)
+      out[i] = tree64_top(leaves.data() + base[(size_t)i] * 8, base[(size_t)i + 1] - base[(size_t)i], lens[i]);
+  });
+  return SS_OK;
+}
+
+}  // namespace f2
+}  // namespace ss
+
+using ss::f2::SpaceRef;
+
+SS_EXPORT int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces,
+                           int w, int kb, int mode, uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces,
+                           int nthreads) {
+  using namespace ss::f2;
+  if (!width_ok(w) || mode < 0 || mode > 2 || !hist || !keys) return SS_EARG;
+  if (mode == 2) mode = 0;  // delta deferred: the same symbols
+  if (!space_ok(old_ptrs, offs, npieces) || (npieces > 0 && !new_ptrs)) return SS_EARG;
+  Classes cl;
+  if (!classes_init(cl, w, kb, nullptr, 0)) return SS_EARG;
+  const int64_t n = offs[npieces];
+  if (n > 0 && !counts) return SS_EARG;
+  SpaceRef O{old_ptrs, offs, npieces, n};
+  try {
+#define SS2_SCAN(W)                                                                       \
+  return mode == 0 ? scan_impl<W, 0>(O, new_ptrs, cl, counts, hist, keys, pieces, nthreads) \
+                   : scan_impl<W, 1>(O, new_ptrs, cl, counts, hist, keys, pieces, nthreads)
+    switch (w) {
+      case 1: SS2_SCAN(1);
+      case 2: SS2_SCAN(2);
+      case 4: SS2_SCAN(4);
+      case 8: SS2_SCAN(8);
+    }
+#undef SS2_SCAN
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+  return SS_EARG;
+}
+
+SS_EXPORT int ss2_encode(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces,
+                         int w, int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts,
+                         int ncuts, const uint32_t* freqs, uint8_t* table_out, int64_t table_cap, int64_t* table_len,
+                         uint8_t* data_out, int64_t data_cap, int64_t* data_len, int32_t* ks_out,
+                         uint64_t* values_hash, int64_t* nchanged, int update_old, int nthreads) {
+  using namespace ss::f2;
+  if (!width_ok(w) || (mode != 0 && mode != 1) || log2c < 12 || log2c > 30) return SS_EARG;
+  if (!space_ok(old_ptrs, offs, npieces) || (npieces > 0 && !new_ptrs)) return SS_EARG;
+  const int64_t n = offs[npieces];
+  if (start < 0 || start >= end || end > n) return SS_EARG;
+  if (!freqs || !table_len || !data_len || !ks_out || !values_hash || !nchanged || table_cap < 0 || data_cap < 0)
+    return SS_EARG;
+  if ((table_cap > 0 && !table_out) || (data_cap > 0 && !data_out)) return SS_EARG;
+  EncCtx E;
+  if (!classes_init(E.cl, w, kb, cuts, ncuts)) return SS_EARG;
+  E.O = SpaceRef{old_ptrs, offs, npieces, n};
+  E.nptrs = new_ptrs;
+  E.start = start;
+  E.end = end;
+  E.log2c = log2c;
+  E.freqs = freqs;
+  const bool upd = update_old != 0;
+  try {
+#define SS2_ENC(W)                                                                                                 \
+  return mode == 0 ? encode_impl<W, 0>(E, table_out, table_cap, table_len, data_out, data_cap, data_len, ks_out, \
+                                       values_hash, nchanged, upd, nthreads)                                       \
+                   : encode_impl<W, 1>(E, table_out, table_cap, table_len, data_out, data_cap, data_len, ks_out, \
+                                       values_hash, nchanged, upd, nthreads)
+    switch (w) {
+      case 1: SS2_ENC(1);
+      case 2: SS2_ENC(2);
+      case 4: SS2_ENC(4);
+      case 8: SS2_ENC(8);
+    }
+#undef SS2_ENC
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+  return SS_EARG;
+}
+
+SS_EXPORT int ss2_decode(const uint8_t* seg, int64_t seg_len, int64_t table_len, const uint64_t* old_ptrs,
+                         const int64_t* offs, int64_t npieces, int w, int kb, int mode, int64_t start, int64_t end,
+                         int log2c, const int64_t* cuts, int ncuts, const int32_t* ks, const uint32_t* freqs,
+                         int64_t nchanged, uint64_t expected_hash, int64_t* idx_out, uint8_t* val_out, int nthreads) {
+  try {
+    return ss::f2::decode_entry(seg, seg_len, table_len, old_ptrs, offs, npieces, w, kb, mode, start, end, log2c,
+                                cuts, ncuts, ks, freqs, nchanged, expected_hash, idx_out, val_out, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_scatter(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx,
+                          const uint8_t* vals, int64_t count, uint8_t* touched, int nthreads) {
+  try {
+    return ss::f2::indexed_w<0>(w, ptrs, offs, npieces, idx, vals, nullptr, count, touched, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_add_scatter(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx,
+                              const uint8_t* d, uint8_t* new_out, int64_t count, int negate, uint8_t* touched,
+                              int nthreads) {
+  try {
+    return negate ? ss::f2::indexed_w<2>(w, ptrs, offs, npieces, idx, d, new_out, count, touched, nthreads)
+                  : ss::f2::indexed_w<1>(w, ptrs, offs, npieces, idx, d, new_out, count, touched, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_take(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, const int64_t* idx,
+                       uint8_t* out, int64_t count, int nthreads) {
+  try {
+    return ss::f2::indexed_w<3>(w, ptrs, offs, npieces, idx, nullptr, out, count, nullptr, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_gather(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, int64_t start,
+                         int64_t end, uint8_t* out, int nthreads) {
+  try {
+    return ss::f2::range_copy(ptrs, offs, npieces, w, start, end, out, false, nullptr, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_put(const uint64_t* ptrs, const int64_t* offs, int64_t npieces, int w, int64_t start, int64_t end,
+                      const uint8_t* data, uint8_t* touched, int nthreads) {
+  try {
+    return ss::f2::range_copy(ptrs, offs, npieces, w, start, end, const_cast<uint8_t*>(data), true, touched,
+                              nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
+
+SS_EXPORT int ss2_tree64_many(const uint64_t* ptrs, const uint64_t* lens, int64_t count, uint64_t* out,
+                              int nthreads) {
+  try {
+    return ss::f2::tree64_many(ptrs, lens, count, out, nthreads);
+  } catch (...) {
+    return SS_ENOMEM;
+  }
+}
