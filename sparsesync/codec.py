@@ -29,7 +29,7 @@ from .format import (FORMATS, VALUE_MODES, Header, Segment, Segment2, build_freq
 from .plan2 import plan_classes, plan_regions
 from .space import Space, spaces_of
 from .kernels import impl
-from .reference import E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
+from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
 
 log = logging.getLogger("sparsesync")
 
@@ -1168,6 +1168,13 @@ class Decoder:
                         raise BaseMismatch(f"{sp.describe(seg.start, seg.end)}: the decoder's values at version "
                                            f"{self.version} differ from the encoder's base (values hash mismatch)") \
                             from None
+                    if seg.cuts and exc.code != E_ARG:
+                        # context coding reads the classes from the base: with intact checksums, streams that do not
+                        # decode mean other base values (or a forged payload)
+                        raise BaseMismatch(f"{sp.describe(seg.start, seg.end)}: the context-coded segment does not "
+                                           f"decode against the decoder's values at version {self.version} ({exc}); "
+                                           "the bucket's checksums hold, so the decoder's base most likely differs "
+                                           "from the encoder's") from None
                     raise CorruptPayload(f"segment of {sp.describe(seg.start, seg.end)}: {exc}") from None
                 new = arena_new[vo: vo + seg.nchanged * w]
                 io += seg.nchanged

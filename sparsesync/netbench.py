@@ -7,7 +7,10 @@ Real mode (``--peer HOST``): run ``sparsesync bench --serve`` on the receiving h
 
 For each link rate, over the same link, one sync of a synthetic bf16 model at a trace-like density is timed end to
 end (encode + wire + decode/apply, until the receiver acknowledges) for: dense bytes, dense + zstd, int32 index + raw
-value (SparseRL-Sync / vLLM sparse_nccl), and sparsesync. Every method's result on the receiver is checked against
+value (SparseRL-Sync / vLLM sparse_nccl), sparsesync in wire format 1 (``sparsesync-v1``: one segment set per tensor,
+order-0 coding) and sparsesync (format 2, the default: dtype spaces, context coding). The weights are a synthetic bf16
+model (``--params``, ``--tensor-elems``: 4096 gives a many-tensor layout) or two steps of a trace file made by
+bench/trace.py or bench/realtrace.py (``--trace PATH``; both hosts read the same file). Every method's result on the receiver is checked against
 the sender's state digest. Output: a table on stdout, and in ``--out DIR`` (default: a scratch folder,
 ``$TMPDIR/sparsesync-bench``; committed results are only written with an explicit ``--out bench/results``) the same
 table as net.txt, net.json and (with matplotlib installed) net.png.
@@ -28,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-METHODS = ["dense", "dense+zstd", "int32+raw", "sparsesync"]
+METHODS = ["dense", "dense+zstd", "int32+raw", "sparsesync-v1", "sparsesync"]
+SESSION_FORMAT = {"sparsesync": 2, "sparsesync-v1": 1}     # sparsesync methods: the wire format their Sender writes
 SUBNET = "10.213.77"
 BASE_PORT = 7400
 TOKEN_ENV = "SPARSESYNC_BENCH_TOKEN"
@@ -101,6 +105,9 @@ def add_args(p) -> None:
     p.add_argument("--port", type=int, default=BASE_PORT,
                    help=f"TCP port of the sparsesync receiver; the baselines use PORT+1 (default {BASE_PORT})")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic model and its update (default 0)")
+    p.add_argument("--trace", metavar="PATH", help="weights from a trace file (bench/trace.py, bench/realtrace.py): "
+                   "the sync from step --trace-step to the next; replaces the synthetic model")
+    p.add_argument("--trace-step", type=int, default=0, help="--trace: the step the receivers hold (default 0)")
     p.add_argument("--streams", type=int, default=1, help="sparsesync: TCP connections per peer (default 1)")
     p.add_argument("--worker", choices=["send", "recv"], help=argparse_hidden())
     p.add_argument("--stop-server", action="store_true", help=argparse_hidden())
@@ -113,6 +120,18 @@ def argparse_hidden():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # synthetic model (both sides build the same one from the seed)
+
+def bench_states(args, want_new: bool):
+    """(base, new) of the benchmark: two steps of ``--trace`` or the synthetic model."""
+    if getattr(args, "trace", None):
+        steps = torch.load(args.trace, weights_only=True)["steps"]
+        if not 0 <= args.trace_step < len(steps) - 1:
+            from .cli import CLIError
+            raise CLIError(f"--trace-step {args.trace_step}: the trace has steps 0..{len(steps) - 1}")
+        base = {k: v.contiguous() for k, v in steps[args.trace_step].items()}
+        return base, ({k: v.contiguous() for k, v in steps[args.trace_step + 1].items()} if want_new else {})
+    return model_states(args.params, args.density, args.tensor_elems, args.seed, want_new)
+
 
 def model_states(params: float, density_pct: float, tensor_elems: int, seed: int, want_new: bool):
     """Base state and (optionally) the next state: trace-like +-1..+-8 ulp moves at the given density."""
@@ -190,10 +209,12 @@ def _serve_worker(args) -> int:
     """Receiving host: a sparsesync Receiver and a blob server for the baselines; both start from the base state."""
     from .digest import state_digest
     from .session import Receiver
-    base, _ = model_states(args.params, args.density, args.tensor_elems, args.seed, want_new=False)
+    base, _ = bench_states(args, want_new=False)
     token = os.environ.get(TOKEN_ENV) or "sparsesync-bench-token"
     r = Receiver({k: v.clone() for k, v in base.items()}, f"tcp://{args.listen}:{args.port}", token=token,
                  version=0).start()
+    r1 = Receiver({k: v.clone() for k, v in base.items()}, f"tcp://{args.listen}:{args.port + 2}", token=token,
+                  version=0).start()          # the receiver of method sparsesync-v1
     srv = socket.create_server((args.listen, args.port + 1))
     print("ready", flush=True)
     scratch = {k: v.clone() for k, v in base.items()}
@@ -211,8 +232,8 @@ def _serve_worker(args) -> int:
                     code, count = struct.unpack("<BQ", head)
                     if code == 255:
                         return 0
-                    if code == 254:      # digest of the sparsesync receiver
-                        conn.sendall(state_digest(r.state).encode())
+                    if code in (252, 254):      # digest of a sparsesync receiver (252: sparsesync-v1's)
+                        conn.sendall(state_digest((r1 if code == 252 else r).state).encode())
                         continue
                     if code == 253:      # wire only: receive and discard (phase timing)
                         for _ in range(count):
@@ -231,6 +252,7 @@ def _serve_worker(args) -> int:
                         scratch[k].copy_(base[k])
     finally:
         r.stop()
+        r1.stop()
         srv.close()
 
 
@@ -245,14 +267,14 @@ def _send_worker(args) -> int:
     """Sending host: time each method end to end, print one JSON line per method."""
     from .digest import state_digest
     from .session import Sender
-    base, new = model_states(args.params, args.density, args.tensor_elems, args.seed, want_new=True)
+    base, new = bench_states(args, want_new=True)
     want = state_digest(new)
     dev = os.environ.get("SPARSESYNC_BENCH_DEV")
     token = os.environ.get(TOKEN_ENV) or "sparsesync-bench-token"
     methods = args.methods.split(",")
     changed = sum(int((new[k].view(torch.int16) != base[k].view(torch.int16)).sum()) for k in base)
     for method in methods:
-        if method == "sparsesync":
+        if method in SESSION_FORMAT:
             continue
         sock = socket.create_connection((args.peer, args.port + 1), timeout=600)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -271,11 +293,13 @@ def _send_worker(args) -> int:
         print(json.dumps({"method": method, "seconds": total, "encode_s": t_enc, "payload_bytes": payload,
                           "link_bytes": _link_bytes(dev) - b0, "exact": got == want, "changed": changed}),
               flush=True)
-    if "sparsesync" in methods:
+    for method in [m for m in methods if m in SESSION_FORMAT]:
+        fmt = SESSION_FORMAT[method]
+        port = args.port if fmt == 2 else args.port + 2
         # phases alone, for the pipelining ratio: encode alone, the same bytes over the same link alone
         from .codec import Encoder
         from .session import DEFAULT_SESSION_BUCKET
-        enc = Encoder(base, 0, bucket_bytes=DEFAULT_SESSION_BUCKET)
+        enc = Encoder(base, 0, bucket_bytes=DEFAULT_SESSION_BUCKET, format=fmt)
         t0 = time.perf_counter()
         buckets = enc.encode(new, 1).buckets
         phase_encode = time.perf_counter() - t0
@@ -290,8 +314,8 @@ def _send_worker(args) -> int:
         _recv_exact(sock, 64)
         phase_wire = time.perf_counter() - t0
         sock.close()
-        sender = Sender([f"tcp://{args.peer}:{args.port}"], token=token, base=base, base_version=0, progress=False,
-                        timeout=600, streams=args.streams)
+        sender = Sender([f"tcp://{args.peer}:{port}"], token=token, base=base, base_version=0, progress=False,
+                        timeout=600, streams=args.streams, format=fmt)
         sender.connect()          # session set-up (handshake, base digest check) happens once, not per sync
         b0 = _link_bytes(dev)
         t0 = time.perf_counter()
@@ -300,11 +324,11 @@ def _send_worker(args) -> int:
         link = _link_bytes(dev) - b0
         p = st.peers[0]
         sock = socket.create_connection((args.peer, args.port + 1), timeout=60)
-        sock.sendall(struct.pack("<BQ", 254, 0))
+        sock.sendall(struct.pack("<BQ", 254 if fmt == 2 else 252, 0))
         got = _recv_exact(sock, 64).decode()
         sock.close()
         slowest = max(phase_encode, phase_wire, p.apply_s)
-        print(json.dumps({"method": "sparsesync", "seconds": total, "encode_s": st.encode_s,
+        print(json.dumps({"method": method, "format": fmt, "seconds": total, "encode_s": st.encode_s,
                           "phase_encode_s": phase_encode, "phase_wire_s": phase_wire, "phase_apply_s": p.apply_s,
                           "pipelining_ratio": total / slowest, "payload_bytes": st.wire_bytes,
                           "link_bytes": link, "exact": got == want and p.ok, "changed": changed,
@@ -385,7 +409,12 @@ def emulation_available() -> str | None:
 def _worker_cmd(args, role: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "sparsesync.cli", "bench", "--worker", role, "--params", str(args.params),
             "--density", str(args.density), "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed),
-            "--port", str(args.port), "--methods", args.methods, "--streams", str(args.streams)] + extra
+            "--port", str(args.port), "--methods", args.methods, "--streams", str(args.streams)] + _trace_args(args) + \
+        extra
+
+
+def _trace_args(args) -> list[str]:
+    return ["--trace", str(Path(args.trace).resolve()), "--trace-step", str(args.trace_step)] if args.trace else []
 
 
 def run_emulated(args) -> list[dict]:
@@ -447,12 +476,14 @@ def report(rows: list[dict], args) -> None:
 def _report(rows: list[dict], args, out: Path) -> None:
     from .cli import format_ratio
     rates = list(dict.fromkeys(r["rate"] for r in rows))
-    print(f"\nsparsesync bench: {args.params / 1e9:.2f}B bf16 params, {args.density}% changed, one sync, end to end "
+    what = f"trace {args.trace} step {args.trace_step} -> {args.trace_step + 1}" if args.trace else \
+        f"{args.params / 1e9:.2f}B bf16 params in tensors of {args.tensor_elems} elements, {args.density}% changed"
+    print(f"\nsparsesync bench: {what}, one sync, end to end "
           "(encode + wire + apply, bit-exact digest checked); each emulated host pinned to its own half of the "
           "CPUs")
     print(f"| link | {' | '.join(m + ' s' for m in METHODS)} | sparsesync speed-up vs dense | link bytes int32+raw "
-          "/ sparsesync |")
-    print("|---" * (len(METHODS) + 3) + "|")
+          "/ sparsesync | link bytes sparsesync-v1 / sparsesync |")
+    print("|---" * (len(METHODS) + 4) + "|")
     for rate in rates:
         by = {r["method"]: r for r in rows if r["rate"] == rate}
         cells = [f"{by[m]['seconds']:.3f}" + ("" if by[m]["exact"] else " (NOT EXACT)") if m in by else "-"
@@ -462,17 +493,20 @@ def _report(rows: list[dict], args, out: Path) -> None:
             if "dense" in by and "sparsesync" in by else "-"
         lb = format_ratio(by["int32+raw"]["link_bytes"], by["sparsesync"]["link_bytes"], ".2f") \
             if "int32+raw" in by and "sparsesync" in by else "-"
-        print(f"| {rate} | {' | '.join(cells)} | {sp} | {lb} |")
+        l1 = format_ratio(by["sparsesync-v1"]["link_bytes"], by["sparsesync"]["link_bytes"], ".3f") \
+            if "sparsesync-v1" in by and "sparsesync" in by else "-"
+        print(f"| {rate} | {' | '.join(cells)} | {sp} | {lb} | {l1} |")
     print("\nsparsesync phases (each alone) and pipelining (end to end / slowest phase):")
-    print("| link | encode s | wire s | decode+apply s | end to end s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| link | method | encode s | wire s | decode+apply s | end to end s | link bytes | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r["method"] == "sparsesync" and "phase_encode_s" in r:
-            print(f"| {r['rate']} | {r['phase_encode_s']:.3f} | {r['phase_wire_s']:.3f} | {r['phase_apply_s']:.3f} "
-                  f"| {r['seconds']:.3f} | {r['pipelining_ratio']:.2f} |")
+        if r["method"] in SESSION_FORMAT and "phase_encode_s" in r:
+            print(f"| {r['rate']} | {r['method']} | {r['phase_encode_s']:.3f} | {r['phase_wire_s']:.3f} | {r['phase_apply_s']:.3f} "
+                  f"| {r['seconds']:.3f} | {r['link_bytes']:,} | {r['pipelining_ratio']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "net.json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
-                                              "rows": rows}, indent=1))
+                                              "tensor_elems": args.tensor_elems, "trace": args.trace,
+                                              "trace_step": args.trace_step, "rows": rows}, indent=1))
     print(f"wrote {out / 'net.txt'}")
     print(f"wrote {out / 'net.json'}")
     try:
@@ -491,7 +525,8 @@ def _report(rows: list[dict], args, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("link rate (Gbit/s)")
     ax.set_ylabel("time per sync (s)")
-    ax.set_title(f"{args.params / 1e9:.2f}B bf16 params, {args.density}% changed")
+    ax.set_title(f"trace {Path(args.trace).name}" if args.trace else
+                 f"{args.params / 1e9:.2f}B bf16 params, {args.density}% changed")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -524,7 +559,8 @@ def main(args) -> int:
         for ln in subprocess.run([sys.executable, "-m", "sparsesync.cli", "bench", "--worker", "send", "--peer",
                                   args.peer, "--params", str(args.params), "--density", str(args.density),
                                   "--tensor-elems", str(args.tensor_elems), "--seed", str(args.seed), "--port",
-                                  str(args.port), "--methods", args.methods, "--streams", str(args.streams)],
+                                  str(args.port), "--methods", args.methods, "--streams", str(args.streams)] +
+                                 _trace_args(args),
                                  capture_output=True, text=True,
                                  check=True).stdout.splitlines():
             if ln.startswith("{"):

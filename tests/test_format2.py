@@ -197,6 +197,23 @@ def test_wrong_base_is_detected_and_nothing_changes():
     assert_state_equal(dst, before, digest=False)
 
 
+def test_other_base_under_context_coding_is_a_base_mismatch():
+    """Classes come from the base: a receiver whose base differs at an element the update does not change decodes
+    other classes, and the streams no longer fit. That is reported as BaseMismatch, and nothing changes."""
+    g = gen(11)
+    w = weights(20000, g)
+    new = adam_like_step(w, g, 5e-3)
+    upd = Encoder({"w": w}, 0, context=True, digest=True).encode({"w": new}, 1)
+    assert any(s.cuts for b in upd.buckets for s in parse_bucket(b)[0].segs)
+    unchanged = torch.nonzero(ivw(w) == ivw(new)).reshape(-1)
+    recv = w.clone()
+    ivw(recv)[unchanged[:50]] ^= 1 << 14                 # the top exponent bit: other classes
+    before = recv.clone()
+    with pytest.raises(BaseMismatch):
+        Decoder({"w": recv}, 0).apply(upd)
+    assert torch.equal(ivw(recv), ivw(before))
+
+
 def test_every_single_byte_corruption_is_refused_and_changes_nothing():
     g = gen(9)
     old = {f"t{i}": weights(600, g) for i in range(30)}

@@ -26,10 +26,12 @@ def test_bench_over_emulated_link_is_exact_and_cleans_up(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((out / "net.json").read_text())["rows"]
     by = {row["method"]: row for row in rows}
-    assert set(by) == {"dense", "dense+zstd", "int32+raw", "sparsesync"}
+    assert set(by) == {"dense", "dense+zstd", "int32+raw", "sparsesync-v1", "sparsesync"}
+    assert by["sparsesync"]["format"] == 2 and by["sparsesync-v1"]["format"] == 1
     assert all(row["exact"] for row in rows)
     # bytes counted at the link: sparsesync sends far fewer than int32 + raw values
     assert by["sparsesync"]["link_bytes"] * 3 < by["int32+raw"]["link_bytes"]
     assert by["sparsesync"]["link_bytes"] > by["sparsesync"]["payload_bytes"]      # headers are counted
+    assert by["sparsesync"]["payload_bytes"] <= by["sparsesync-v1"]["payload_bytes"] * 1.02
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert after == before                                                     # namespaces removed
