@@ -33,6 +33,8 @@ from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bi
 
 log = logging.getLogger("sparsesync")
 
+RUN_CHANGES = 1024           # format 2: a tensor with this many changes is planned on its own statistics ...
+MAX_RUNS = 64                # ... if it is among the 64 most changed tensors of its space
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
 MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack ints in [0, 2^63)
@@ -278,6 +280,7 @@ class Encoder:
         self._old_spaces: dict[str, Space] | None = None
         self._ldig: bytes | None = None
         self._digest_plan: tuple | None = None    # (DigestPlan, tensors, their addresses, their sizes)
+        self._changes: dict[str, np.ndarray | None] = {}   # format 2: changes per tensor of each space, last update
         bucket_bytes = config.get_int("SPARSESYNC_BUCKET_BYTES") if bucket_bytes is None else bucket_bytes
         if type(bucket_bytes) is not int or bucket_bytes < 4096:
             raise InvalidArgument(f"bucket_bytes must be an int >= 4096, got {_short(bucket_bytes)}")
@@ -308,6 +311,7 @@ class Encoder:
         self._ldig = None
         self._digest_plan = None
         self._fast = None
+        self._changes = {}
 
     def _spaces(self) -> dict[str, Space]:
         if self._old_spaces is None:
@@ -588,24 +592,32 @@ class Encoder:
                     stats.tensors_changed += len(sp.names)
                     yield _TensorPlan(dn, None, sp.w, "d", length=sp.n, space=old, old_space=old)
                     continue
-                counts, hist, keys, total, pieces = impl().scan2(old, sp, self.mode)
-                if not total:
-                    continue
-                stats.tensors_changed += int(np.count_nonzero(pieces))
-                stats.changed += total
-                nb = len(counts)
-                cp = plan_classes(hist, keys, nb / -(-nb // 16), sp.n, sp.w, self.mode,
-                                  self.context if sp.kb else False)
-                log.debug("space %s: %d of %d elements changed, %s, about %.3f bits per change", dn, total, sp.n,
-                          f"{len(cp.cuts) + 1} classes" if cp.context else "order-0", cp.bits_per_change)
-                for r in plan_regions(counts, sp.n, sp.w, cp.bits_per_change):
-                    if r.kind == "d":
-                        yield _TensorPlan(dn, None, sp.w, "d", origin=r.start, length=r.end - r.start, space=sp,
-                                          old_space=old)
-                    else:
-                        yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
-                                          cp.bits_per_change / 8, origin=r.start, length=r.end - r.start,
-                                          cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old)
+                seen = []
+                for i0, i1 in self._runs(dn, len(sp.names)):
+                    o0 = int(sp.offs[i0])
+                    run_new, run_old = (sp, old) if (i0, i1) == (0, len(sp.names)) else (sp.sub(i0, i1),
+                                                                                         old.sub(i0, i1))
+                    counts, hist, keys, total, pieces = impl().scan2(run_old, run_new, self.mode)
+                    seen.append(pieces)
+                    if not total:
+                        continue
+                    stats.changed += total
+                    stats.tensors_changed += int(np.count_nonzero(pieces))
+                    nb = len(counts)
+                    cp = plan_classes(hist, keys, nb / -(-nb // 16), run_new.n, sp.w, self.mode,
+                                      self.context if sp.kb else False)
+                    log.debug("space %s tensors %d..%d: %d of %d elements changed, %s, about %.3f bits per change",
+                              dn, i0, i1 - 1, total, run_new.n,
+                              f"{len(cp.cuts) + 1} classes" if cp.context else "order-0", cp.bits_per_change)
+                    for r in plan_regions(counts, run_new.n, sp.w, cp.bits_per_change):
+                        if r.kind == "d":
+                            yield _TensorPlan(dn, None, sp.w, "d", origin=o0 + r.start, length=r.end - r.start,
+                                              space=sp, old_space=old)
+                        else:
+                            yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
+                                              cp.bits_per_change / 8, origin=o0 + r.start, length=r.end - r.start,
+                                              cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old)
+                self._changes[dn] = np.concatenate(seen) if seen else None
         ldig = self._layout_digest()
         base = None if full else self.version
         uid = update_uid(ldig, base, version, self.values)
@@ -617,6 +629,33 @@ class Encoder:
         if not stream:
             update.finish()
         return update
+
+    def _runs(self, dn: str, ntensors: int) -> list[tuple[int, int]]:
+        """Format 2: the runs of a space's tensors that are planned on their own statistics (classes, chunk sizes).
+
+        A tensor with at least RUN_CHANGES changes in the last update, among the MAX_RUNS most changed ones, is a run
+        of its own (its own exponent classes: layers differ in how far Adam moves their weights, so a tensor's own
+        statistics code its positions better, and it has changes enough to pay for its tables); the tensors between
+        such tensors form one pooled run, so a space has at most 2 * MAX_RUNS + 1 runs.
+        Decided from the last update only (no history: one pooled run), so the same states give the same bytes."""
+        last = self._changes.get(dn)
+        if last is None or len(last) != ntensors:
+            return [(0, ntensors)]
+        big = np.flatnonzero(last >= RUN_CHANGES)
+        if big.size == 0:
+            return [(0, ntensors)]
+        if big.size > MAX_RUNS:        # tens of thousands of experts: the few largest alone, the rest pooled
+            order = np.argsort(-last[big], kind="stable")[:MAX_RUNS]
+            big = np.sort(big[order])
+        runs, i = [], 0
+        for b in big.tolist():
+            if b > i:
+                runs.append((i, b))
+            runs.append((b, b + 1))
+            i = b + 1
+        if i < ntensors:
+            runs.append((i, ntensors))
+        return runs
 
     def _encode_segment2(self, sp: _SegPlan, full: bool) -> tuple[Segment2, list]:
         tp = sp.tp

@@ -70,6 +70,20 @@ class Space:
             self._tensors = [src[i] for i in perm.tolist()]
         return self._tensors
 
+    def sub(self, i0: int, i1: int) -> "Space":
+        """The space of tensors ``i0 .. i1-1`` of this one (its element 0 is this space's element ``offs[i0]``)."""
+        out = Space.__new__(Space)
+        out.dtype, out.w, out.kb, out.names = self.dtype, self.w, self.kb, self.names[i0:i1]
+        if self._tensors is not None:
+            out._tensors, out._src = self._tensors[i0:i1], None
+        else:
+            src, perm = self._src
+            out._tensors, out._src = None, (src, perm[i0:i1])
+        out.ptrs = self.ptrs[i0:i1]
+        out.offs = self.offs[i0:i1 + 1] - self.offs[i0]
+        out.n, out._flat = int(out.offs[-1]), None
+        return out
+
     def flat(self) -> torch.Tensor:
         """The space's bytes as one uint8 tensor (a copy unless the space has a single tensor): for the reference
         kernels and tests."""

@@ -105,6 +105,40 @@ def test_context_coding_is_used_and_beats_order0_on_weight_like_updates():
     assert sizes[None] <= sizes[False]
 
 
+def test_tensors_with_many_changes_are_planned_alone_from_the_next_update():
+    g = gen(12)
+    state = {"a": weights(100_000, g), "b": weights(200_000, g, scale=0.5), "c": weights(50_000, g)}
+    enc = Encoder(state, 0, context=True)
+    dst = clone_state(state)
+    dec = Decoder(dst, 0)
+    starts = []
+    for v in range(1, 4):
+        state = {k: adam_like_step(t, g, 2e-3) for k, t in state.items()}
+        upd = enc.encode(state, v)
+        dec.apply(upd)
+        assert_state_equal(dst, state, digest=False)
+        starts.append({s.start for b in upd.buckets for s in parse_bucket(b)[0].segs})
+    # first update: one pooled run (segments start at multiples of 4096 from 0); later ones: every tensor changed
+    # enough to be a run of its own, so segments start where "b" and "c" start in the space (not multiples of 4096)
+    assert not {100_000, 300_000} & starts[0]
+    assert {100_000, 300_000} <= starts[1] and {100_000, 300_000} <= starts[2]
+
+
+def test_many_much_changed_tensors_keep_the_run_count_bounded():
+    g = gen(13)
+    state = {f"experts.{i:03d}.w": weights(20_000, g) for i in range(150)}
+    enc = Encoder(state, 0)
+    dst = clone_state(state)
+    dec = Decoder(dst, 0)
+    for v in range(1, 3):
+        state = {k: mutate(t, 0.08, g, "ulp") for k, t in state.items()}
+        upd = enc.encode(state, v)
+        dec.apply(upd)
+        assert_state_equal(dst, state, digest=False)
+    nseg = sum(len(parse_bucket(b)[0].segs) for b in upd.buckets)
+    assert nseg <= 2 * 64 + 1 + 8, nseg
+
+
 def test_format1_still_written_and_read():
     g = gen(3)
     old = mixed_state(g, 40)
