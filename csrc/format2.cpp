@@ -6,7 +6,14 @@
 // offs[0] = 0, offs non-decreasing, N = offs[npieces]. A virtual element is located by binary search on offs, and
 // sequential walks keep a piece cursor, so the cost of a call does not depend on the number of pieces beyond one
 // binary search per chunk / thread range.
+#include <stdlib.h>
+
 #include <memory>
+#include <mutex>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "ss_coder.h"
 #include "ss_diff.h"
@@ -124,6 +131,16 @@ struct Rec {
   uint32_t gap;   // gap before it in its class (first or later gap)
   uint8_t cls, sym;
   typename UInt<W>::T newv, oldv;
+  SS_INLINE void set(uint64_t p, uint64_t rk, uint64_t g, int c, int s, typename UInt<W>::T nv,
+                     typename UInt<W>::T ov) {
+    pos = (uint32_t)p;
+    rank = (uint32_t)rk;
+    gap = (uint32_t)g;
+    cls = (uint8_t)c;
+    sym = (uint8_t)s;
+    newv = nv;
+    oldv = ov;
+  }
 };
 
 // Per-worker encoder state. The Rice parameter rule needs sum(g >> k) over a class's gaps for every k: with
@@ -152,6 +169,8 @@ struct EncCtx {
   int64_t start, end;
   int log2c;
   const uint32_t* freqs;  // K x 256
+  const int64_t* pos = nullptr;  // the changed elements' space indices when the caller knows them (else NULL)
+  int64_t npos = 0;
 };
 
 // ---------------------------------------------------------------- decoder types
@@ -266,9 +285,44 @@ static int level() {
 }
 
 // ---------------------------------------------------------------- scan
+// Asks for transparent huge pages over the 2 MiB-aligned interior of a large buffer that is about to be written for
+// the first time (a hint, Linux only): faulting in 4 KiB pages costs more than writing them on virtual machines.
+inline void advise_huge(void* p, uint64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = (uintptr_t)2 << 20;
+  if (!p || bytes < 2 * kHuge) return;
+  const uintptr_t a = ((uintptr_t)p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = ((uintptr_t)p + (uintptr_t)bytes) & ~(kHuge - 1);
+  if (e > a) (void)madvise((void*)a, (size_t)(e - a), MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Growable array of positions (one per scan worker). Plain malloc/realloc: the reserved tail is never touched.
+struct PosBuf {
+  int64_t* p = nullptr;
+  uint64_t n = 0, cap = 0;
+  PosBuf() = default;
+  PosBuf(const PosBuf&) = delete;
+  PosBuf& operator=(const PosBuf&) = delete;
+  PosBuf(PosBuf&& o) noexcept : p(o.p), n(o.n), cap(o.cap) { o.p = nullptr; }
+  ~PosBuf() { free(p); }
+  bool reserve_more(uint64_t k) {
+    if (n + k <= cap) return true;
+    const uint64_t nc = std::max<uint64_t>(n + k, cap * 2);
+    void* q = realloc(p, (size_t)(nc * sizeof(int64_t)));
+    if (!q) return false;
+    p = (int64_t*)q;
+    cap = nc;
+    return true;
+  }
+};
+
 template <int W, int MODE>
 int64_t scan_impl(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, uint32_t* counts, uint64_t* hist,
-                  uint64_t* keys, int64_t* pieces, int nthreads) {
+                  uint64_t* keys, int64_t* pieces, int64_t* pos_out, int64_t pos_cap, int64_t* npos, int nthreads) {
   if (pieces)
     for (int64_t t = 0; t < O.np; ++t) pieces[t] = 0;
   const int64_t n = O.n;
@@ -280,18 +334,62 @@ int64_t scan_impl(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, u
   const size_t hsz = (size_t)nkeys * 256;
   std::vector<uint64_t> lh((size_t)nt * hsz, 0), lk((size_t)nt * nkeys, 0);
   const int lv = level();
+  // positions: each task writes its changed elements (ascending) to its worker's buffer; a finished task's run is
+  // published (copied to pos_out) as soon as every earlier task's run is, by whichever worker completes that prefix,
+  // so the copy overlaps the scan and the worker buffers stay small (a worker reuses its buffer once all its runs
+  // are published). Collection stops once the runs would pass pos_cap (or on a failed allocation).
+  const bool want = pos_out != nullptr;
+  if (want) advise_huge(pos_out, (uint64_t)pos_cap * sizeof(int64_t));
+  struct TaskPos {
+    int wid = -1;
+    uint64_t off = 0;
+    int64_t cnt = 0;
+    bool done = false;
+  };
+  std::vector<TaskPos> tpos(want ? (size_t)ntasks : 0);
+  std::vector<PosBuf> pbufs(want ? (size_t)nt : 0);
+  std::vector<int64_t> pending(want ? (size_t)nt : 0);  // runs of each worker not yet published
+  std::mutex mu;  // guards tpos, pending, pub_*, and every PosBuf's p / cap (a buffer moves only under mu)
+  int64_t pub_task = 0, pub_off = 0;  // tasks [0, pub_task) are published: pub_off positions
+  std::atomic<bool> over(false);
   parallel_for(ntasks, nt, [&](int64_t t, int wid) {
     const int64_t b0 = t * per_task, b1 = std::min(nblocks, b0 + per_task);
     uint64_t* h = &lh[(size_t)wid * hsz];
     uint64_t* k = &lk[(size_t)wid * nkeys];
-#ifdef SS2_HAVE_LV1
-    if (lv) {
-      lv1::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces);
-      return;
+    PosBuf* pb = nullptr;
+    int64_t* pout = nullptr;
+    if (want && !over.load(std::memory_order_relaxed)) {
+      pb = &pbufs[(size_t)wid];
+      std::lock_guard<std::mutex> lock(mu);
+      if (pending[(size_t)wid] == 0) pb->n = 0;
+      if (pb->reserve_more((uint64_t)(b1 - b0) * kFineBlock))
+        pout = pb->p + pb->n;
+      else
+        over.store(true);  // out of memory: positions are not produced
     }
+    int64_t got;
+#ifdef SS2_HAVE_LV1
+    if (lv)
+      got = lv1::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces, pout);
+    else
 #endif
+      got = lv0::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces, pout);
     (void)lv;
-    lv0::scan_blocks<W, MODE>(O, nptrs, cl, b0, b1, counts, h, k, pieces);
+    if (pout) {
+      std::lock_guard<std::mutex> lock(mu);
+      tpos[(size_t)t] = TaskPos{wid, pb->n, got, true};
+      pb->n += (uint64_t)got;
+      ++pending[(size_t)wid];
+      while (pub_task < ntasks && tpos[(size_t)pub_task].done) {
+        const TaskPos& r = tpos[(size_t)pub_task];
+        if (pub_off + r.cnt > pos_cap) over.store(true);
+        if (!over.load(std::memory_order_relaxed) && r.cnt)
+          memcpy(pos_out + pub_off, pbufs[(size_t)r.wid].p + r.off, (size_t)r.cnt * sizeof(int64_t));
+        pub_off += r.cnt;
+        --pending[(size_t)r.wid];
+        ++pub_task;
+      }
+    }
   });
   int64_t total = 0;
   for (size_t i = 0; i < hsz; ++i) {
@@ -305,6 +403,7 @@ int64_t scan_impl(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, u
     for (int w = 0; w < nt; ++w) s += lk[(size_t)w * nkeys + i];
     keys[i] = s;
   }
+  if (want) *npos = !over.load() && pub_task == ntasks && pub_off == total && pub_off <= pos_cap ? pub_off : -1;
   return total;
 }
 
@@ -317,62 +416,163 @@ struct ChunkOut {
   uint64_t rans_off = 0, rans_len = 0, bits_off = 0, bits_len = 0;
 };
 
+// Per-worker output bytes (not zero-filled: every byte that is copied out was written). alloc() may move buf.
 struct Arena {
-  std::vector<uint8_t> buf;
+  struct Raw {
+    uint8_t* p = nullptr;
+    uint64_t size = 0, cap = 0;
+    uint8_t* data() const { return p; }
+  } buf;
+  Arena() = default;
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  Arena(Arena&& o) noexcept : buf(o.buf) { o.buf.p = nullptr; }
+  ~Arena() { free(buf.p); }
   uint64_t alloc(uint64_t nbytes) {
-    const uint64_t off = buf.size();
+    const uint64_t off = buf.size;
     const uint64_t need = off + nbytes;
-    if (need > buf.capacity()) buf.reserve(std::max<uint64_t>(need, buf.capacity() * 2));
-    buf.resize(need);
+    if (need > buf.cap) {
+      const uint64_t nc = std::max<uint64_t>(need, buf.cap * 2);
+      void* q = realloc(buf.p, (size_t)nc);
+      if (!q) throw std::bad_alloc();
+      buf.p = (uint8_t*)q;
+      buf.cap = nc;
+    }
+    buf.size = need;
     return off;
   }
 };
 
-template <int W, int MODE>
-int nextra_of(int sym) {
-  return MODE == 1 ? 8 * W - 8 : (sym < 16 ? 0 : sym - 12);
+// rans_enc_put without a data-dependent branch (the state leaves at most 2 bytes: x < 2^31 and x_max >= 2^19): a
+// byte is stored below p either way, p moves only when it is emitted. Needs one writable byte below the final p.
+SS_INLINE uint32_t rans_put_nb(uint32_t x, uint8_t** pp, const RansEncSym& e) {
+  uint8_t* p = *pp;
+  const uint32_t xm = e.x_max;
+  p[-1] = (uint8_t)x;
+  const bool e1 = x >= xm;
+  p -= e1;
+  x = e1 ? x >> 8 : x;
+  p[-1] = (uint8_t)x;
+  const bool e2 = x >= xm;
+  p -= e2;
+  x = e2 ? x >> 8 : x;
+  *pp = p;
+  const uint32_t q = (uint32_t)(((uint64_t)x * e.rcp_freq) >> 32) >> e.rcp_shift;
+  return x + e.bias + q * e.cmpl_freq;
 }
 
-// Pass 2 for one chunk with changes: the bit stream and the rANS stream into the worker's arena.
+// One chunk of pass 2.
+template <int W>
+struct WriteJob {
+  const Rec<W>* R;
+  int64_t n;
+  const uint32_t* totals;
+  uint8_t* vals_out;
+  ChunkOut* out;
+  std::vector<uint32_t>* after;  // (K > 1) the gap coded after each change
+  uint64_t base, bits_cap, rans_cap;
+  // backward state
+  int64_t i;
+  uint8_t* p;
+  uint32_t x;
+  int64_t nextg[kMaxClasses];
+};
+
+// Pass 2 for one or two chunks with changes (two: their rANS chains interleave, each step waits on the previous
+// one of its own chunk only): the bit stream and the rANS stream into the worker's arena. One backward pass (rANS,
+// and the gap coded after each change: the next later gap of its class or its final gap), one forward pass (bits,
+// values). The bit region is sized by a bound (class c's gaps in the chunk sum to at most totals[c], so their unary
+// parts take at most totals[c] >> k bits), its length is what was written.
 template <int W, int MODE>
-void enc_write(const EncCtx& E, const Rec<W>* R, int64_t n, const uint32_t* totals, uint32_t present, const int* ks,
-               const RansEncSym* enc, Arena& ar, std::vector<uint32_t>& after, uint8_t* vals_out, ChunkOut& out) {
+void enc_write(const EncCtx& E, WriteJob<W>* jobs, int njobs, uint32_t present, const int* ks,
+               const RansEncSym* enc, Arena& ar) {
   typedef typename UInt<W>::T T;
   const int K = E.cl.K;
-  int64_t first[kMaxClasses], lastx[kMaxClasses];
-  for (int c = 0; c < K; ++c) first[c] = lastx[c] = -1;
-  after.resize((size_t)n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int c = R[i].cls;
-    if (lastx[c] >= 0)
-      after[(size_t)lastx[c]] = R[i].gap;
-    else
-      first[c] = i;
-    lastx[c] = i;
+  constexpr uint64_t kMaxExtra = MODE == 1 ? 8 * W - 8 : 8 * W;
+  for (int q = 0; q < njobs; ++q) {
+    WriteJob<W>& J = jobs[q];
+    uint64_t bound = (uint64_t)J.n * kMaxExtra;
+    int npres = 0, kmax = 0;
+    for (int c = 0; c < K; ++c) {
+      if (!(present >> c & 1)) continue;
+      ++npres;
+      kmax = std::max(kmax, ks[c]);
+      bound += (uint64_t)J.totals[c] >> ks[c];
+    }
+    bound += ((uint64_t)J.n + (uint64_t)npres) * (uint64_t)(1 + kmax);
+    J.bits_cap = (bound + 7) / 8 + 8;
+    J.rans_cap = 2 * (uint64_t)J.n + 8;
+    J.base = ar.alloc(J.bits_cap + J.rans_cap);
+    if (K > 1) J.after->resize((size_t)J.n);
   }
-  for (int c = 0; c < K; ++c)
-    if (lastx[c] >= 0) after[(size_t)lastx[c]] = totals[c] - R[lastx[c]].rank - 1;
-  uint64_t firstgap[kMaxClasses];
-  uint64_t nbits = 0;
-  for (int c = 0; c < K; ++c) {
-    if (!(present >> c & 1)) continue;
-    firstgap[c] = first[c] >= 0 ? R[first[c]].gap : totals[c];
-    nbits += (firstgap[c] >> ks[c]) + 1 + (uint64_t)ks[c];
+  uint8_t* A = ar.buf.data();  // (after the last alloc)
+  // ---- backward: rANS, gaps after each change
+  for (int q = 0; q < njobs; ++q) {
+    WriteJob<W>& J = jobs[q];
+    J.i = J.n - 1;
+    J.p = A + J.base + J.bits_cap + J.rans_cap;
+    J.x = kRansL;
+    for (int c = 0; c < K; ++c) J.nextg[c] = -1;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int c = R[i].cls;
-    nbits += (uint64_t)nextra_of<W, MODE>(R[i].sym) + (after[(size_t)i] >> ks[c]) + 1 + (uint64_t)ks[c];
+  auto step = [&](WriteJob<W>& J) {
+    const Rec<W>& r = J.R[J.i];
+    if (K == 1) {
+      J.x = rans_put_nb(J.x, &J.p, enc[r.sym]);
+    } else {
+      const int c = r.cls;
+      (*J.after)[(size_t)J.i] = J.nextg[c] >= 0 ? (uint32_t)J.nextg[c] : J.totals[c] - r.rank - 1;
+      J.nextg[c] = r.gap;
+      J.x = rans_put_nb(J.x, &J.p, enc[(size_t)c * 256 + r.sym]);
+    }
+    --J.i;
+  };
+  if (njobs == 2) {
+    WriteJob<W>& J0 = jobs[0];
+    WriteJob<W>& J1 = jobs[1];
+    const int64_t m = std::min(J0.n, J1.n);
+    if (K == 1) {  // the common case, with the states in registers
+      uint32_t x0 = J0.x, x1 = J1.x;
+      uint8_t* p0 = J0.p;
+      uint8_t* p1 = J1.p;
+      const Rec<W>* R0 = J0.R + J0.n - 1;
+      const Rec<W>* R1 = J1.R + J1.n - 1;
+      for (int64_t t = 0; t < m; ++t) {
+        x0 = rans_put_nb(x0, &p0, enc[R0[-t].sym]);
+        x1 = rans_put_nb(x1, &p1, enc[R1[-t].sym]);
+      }
+      J0.x = x0, J1.x = x1, J0.p = p0, J1.p = p1;
+      J0.i -= m;
+      J1.i -= m;
+    } else {
+      for (int64_t t = 0; t < m; ++t) {
+        step(J0);
+        step(J1);
+      }
+    }
   }
-  out.bits_len = (nbits + 7) / 8;
-  const uint64_t rans_cap = 2 * (uint64_t)n + 8;
-  const uint64_t base = ar.alloc(out.bits_len + 8 + rans_cap);
-  uint8_t* A = ar.buf.data();
-  out.bits_off = base;
-  const uint64_t rans_region = base + out.bits_len + 8;
-  {
-    BitWriter bw(A + out.bits_off);
-    for (int c = 0; c < K; ++c)
-      if (present >> c & 1) bw.rice(firstgap[c], ks[c]);
+  for (int q = 0; q < njobs; ++q) {
+    WriteJob<W>& J = jobs[q];
+    while (J.i >= 0) step(J);
+    J.p -= 4;
+    store_u32(J.p, J.x);
+    J.out->rans_off = (uint64_t)(J.p - A);
+    J.out->rans_len = (uint64_t)(A + J.base + J.bits_cap + J.rans_cap - J.p);
+  }
+  // ---- forward: bits, values
+  for (int q = 0; q < njobs; ++q) {
+    WriteJob<W>& J = jobs[q];
+    const Rec<W>* R = J.R;
+    const int64_t n = J.n;
+    const uint32_t* totals = J.totals;
+    J.out->bits_off = J.base;
+    BitWriter bw(A + J.base);
+    for (int c = 0; c < K; ++c) {
+      if (!(present >> c & 1)) continue;
+      const uint64_t fg = K == 1 ? R[0].gap : J.nextg[c] >= 0 ? (uint64_t)J.nextg[c] : totals[c];
+      bw.rice(fg, ks[c]);
+    }
+    const int k0 = ks[0];
+    const uint32_t* after = K == 1 ? nullptr : J.after->data();
     for (int64_t i = 0; i < n; ++i) {
       const Rec<W>& r = R[i];
       uint64_t ev;
@@ -382,20 +582,14 @@ void enc_write(const EncCtx& E, const Rec<W>* R, int64_t n, const uint32_t* tota
       else
         raw_symbol<W>((T)r.newv, &ev, &eb);
       if (eb) bw.put_long(ev, eb);
-      bw.rice(after[(size_t)i], ks[r.cls]);
+      if (K == 1)
+        bw.rice(i + 1 < n ? (uint64_t)R[i + 1].gap : (uint64_t)(totals[0] - r.rank - 1), k0);
+      else
+        bw.rice(after[i], ks[r.cls]);
+      store_elem<W>(J.vals_out + (size_t)i * W, r.newv);
     }
+    J.out->bits_len = (uint64_t)(bw.p - (A + J.base)) + (bw.fill ? 1 : 0);
   }
-  {
-    uint8_t* end = A + rans_region + rans_cap;
-    uint8_t* p = end;
-    uint32_t x = kRansL;
-    for (int64_t i = n - 1; i >= 0; --i) x = rans_enc_put(x, &p, enc[(size_t)R[i].cls * 256 + R[i].sym]);
-    p -= 4;
-    store_u32(p, x);
-    out.rans_off = (uint64_t)(p - A);
-    out.rans_len = (uint64_t)(end - p);
-  }
-  for (int64_t i = 0; i < n; ++i) store_elem<W>(vals_out + (size_t)i * W, R[i].newv);
 }
 
 template <int W, int MODE>
@@ -405,21 +599,81 @@ int encode_impl(const EncCtx& E, uint8_t* table_out, int64_t table_cap, int64_t*
   const int K = E.cl.K;
   const int64_t C = (int64_t)1 << E.log2c;
   const int64_t nch = (E.end - E.start + C - 1) / C;
-  const int nt = plan_threads(nthreads, nch, (E.end - E.start) * W, 2 << 20);
+  // work: the bytes read (order-0 with positions: a few cache lines per change)
+  const int64_t work1 = E.pos && E.cl.ncut == 0 ? E.npos * 128 : (E.end - E.start) * W;
+  const int nt = plan_threads(nthreads, nch, work1, 2 << 20);
   std::vector<ChunkOut> outs((size_t)nch);
   std::vector<uint32_t> totals((size_t)nch * K);
   std::vector<EncWorker<W>> wks((size_t)nt);
   std::vector<int> errs((size_t)nch, 0);
   const int lv = level();
   (void)lv;
+  // ---- positions given: each chunk's run of them (binary searches), checked below (strictly increasing, inside
+  // the chunk, runs in chunk order covering all of them: then they ascend through [start, end))
+  const bool havepos = E.pos != nullptr;
+  std::vector<int64_t> lb(havepos ? (size_t)nch + 1 : 0);
+  std::unique_ptr<Rec<W>[]> grecs;  // records of chunk j at [lb[j], lb[j+1])
+  if (havepos) {
+    // lb[j] = first i with pos[i] >= start + j*C (for ascending pos; some value in [0, npos] otherwise): branch-free
+    // binary searches, 16 in lockstep (independent cache misses)
+    lb[0] = 0;
+    lb[(size_t)nch] = E.npos;
+    if (E.npos > 0) {
+      constexpr int kB = 16;
+      for (int64_t j0 = 1; j0 < nch; j0 += kB) {
+        const int m = (int)std::min<int64_t>(kB, nch - j0);
+        int64_t base[kB], x[kB];
+        for (int q = 0; q < m; ++q) {
+          base[q] = 0;
+          x[q] = E.start + (j0 + q) * C;
+        }
+        int64_t len = E.npos;
+        while (len > 1) {
+          const int64_t half = len / 2;
+          for (int q = 0; q < m; ++q) base[q] = E.pos[base[q] + half] < x[q] ? base[q] + half : base[q];
+          len -= half;
+        }
+        for (int q = 0; q < m; ++q) lb[(size_t)(j0 + q)] = base[q] + (E.pos[base[q]] < x[q] ? 1 : 0);
+      }
+    } else {
+      for (int64_t j = 1; j < nch; ++j) lb[(size_t)j] = 0;
+    }
+    for (int64_t j = 0; j < nch; ++j)
+      if (lb[(size_t)j + 1] < lb[(size_t)j]) return SS_EARG;
+    grecs.reset(new Rec<W>[(size_t)std::max<int64_t>(1, E.npos)]);
+  }
   // ---- pass 1: changes, classes, ranks, gap costs
   parallel_for(nch, nt, [&](int64_t j, int wid) {
     ChunkOut& o = outs[(size_t)j];
     EncWorker<W>& wk = wks[(size_t)wid];
     o.worker = wid;
-    o.rec_off = wk.recs.size();
     int64_t cnt = 0;
-    int rc;
+    int rc = SS_OK;
+    if (havepos) {
+      const int64_t p0 = lb[(size_t)j], np = lb[(size_t)j + 1] - p0;
+      o.rec_off = (uint64_t)p0;
+      if (np > 0) {
+        const int64_t* P = E.pos + p0;
+        const int64_t cs = E.start + j * C, ce = std::min(E.end, cs + C);
+        bool ok = P[0] >= cs && P[np - 1] < ce;
+        for (int64_t i = 1; i < np; ++i) ok &= P[i] > P[i - 1];
+        if (!ok) {
+          rc = SS_EARG;
+        } else {
+#ifdef SS2_HAVE_LV1
+          if (lv)
+            rc = lv1::enc_chunk_pos<W, MODE>(E, j, P, np, &grecs[(size_t)p0], wk, &totals[(size_t)j * K]);
+          else
+#endif
+            rc = lv0::enc_chunk_pos<W, MODE>(E, j, P, np, &grecs[(size_t)p0], wk, &totals[(size_t)j * K]);
+          cnt = np;
+        }
+      }
+      o.n = rc ? 0 : cnt;
+      errs[(size_t)j] = rc;
+      return;
+    }
+    o.rec_off = wk.recs.size();
     try {
 #ifdef SS2_HAVE_LV1
       if (lv)
@@ -433,6 +687,9 @@ int encode_impl(const EncCtx& E, uint8_t* table_out, int64_t table_cap, int64_t*
     o.n = cnt;
     errs[(size_t)j] = rc;
   });
+  auto recs_of = [&](const ChunkOut& o) -> const Rec<W>* {
+    return havepos ? &grecs[(size_t)o.rec_off] : &wks[(size_t)o.worker].recs[o.rec_off];
+  };
   for (int e : errs)
     if (e) return e;
   uint32_t present = 0;
@@ -478,15 +735,26 @@ int encode_impl(const EncCtx& E, uint8_t* table_out, int64_t table_cap, int64_t*
   std::unique_ptr<uint8_t[]> vals(new uint8_t[(size_t)std::max<uint64_t>(1, total_n * W)]);
   const int nt2 = plan_threads(nthreads, (int64_t)work.size(), (int64_t)work.size(), 4);
   std::vector<Arena> arenas((size_t)nt2);
-  std::vector<std::vector<uint32_t>> afters((size_t)nt2);
+  std::vector<std::vector<uint32_t>> afters((size_t)nt2 * 2);
   std::atomic<bool> oom(false);
-  parallel_for((int64_t)work.size(), nt2, [&](int64_t t, int wid) {
-    const int64_t j = work[(size_t)t];
-    ChunkOut& o = outs[(size_t)j];
-    o.out_worker = wid;
+  const int64_t npairs = ((int64_t)work.size() + 1) / 2;  // chunks in pairs (interleaved rANS chains)
+  parallel_for(npairs, nt2, [&](int64_t t, int wid) {
+    WriteJob<W> jobs[2];
+    const int nj = (int)std::min<int64_t>(2, (int64_t)work.size() - 2 * t);
+    for (int q = 0; q < nj; ++q) {
+      const int64_t j = work[(size_t)(2 * t + q)];
+      ChunkOut& o = outs[(size_t)j];
+      o.out_worker = wid;
+      WriteJob<W>& J = jobs[q];
+      J.R = recs_of(o);
+      J.n = o.n;
+      J.totals = &totals[(size_t)j * K];
+      J.vals_out = vals.get() + voff[(size_t)j];
+      J.out = &o;
+      J.after = &afters[(size_t)wid * 2 + (size_t)q];
+    }
     try {
-      enc_write<W, MODE>(E, &wks[(size_t)o.worker].recs[o.rec_off], o.n, &totals[(size_t)j * K], present, ks,
-                         enc.data(), arenas[(size_t)wid], afters[(size_t)wid], vals.get() + voff[(size_t)j], o);
+      enc_write<W, MODE>(E, jobs, nj, present, ks, enc.data(), arenas[(size_t)wid]);
     } catch (...) {
       oom.store(true);
     }
@@ -533,7 +801,7 @@ int encode_impl(const EncCtx& E, uint8_t* table_out, int64_t table_cap, int64_t*
     parallel_for((int64_t)work.size(), nt2, [&](int64_t t, int) {
       const int64_t j = work[(size_t)t];
       const ChunkOut& o = outs[(size_t)j];
-      const Rec<W>* R = &wks[(size_t)o.worker].recs[o.rec_off];
+      const Rec<W>* R = recs_of(o);
       const int64_t cs = E.start + j * C;
       int64_t cur = locate(E.O.offs, E.O.np, cs);
       for (int64_t i = 0; i < o.n; ++i) {
@@ -872,9 +1140,11 @@ using ss::f2::SpaceRef;
 
 SS_EXPORT int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces,
                            int w, int kb, int mode, uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces,
-                           int nthreads) {
+                           int64_t* pos_out, int64_t pos_cap, int64_t* npos, int nthreads) {
   using namespace ss::f2;
   if (!width_ok(w) || mode < 0 || mode > 2 || !hist || !keys) return SS_EARG;
+  if (pos_out && (!npos || pos_cap < 0)) return SS_EARG;
+  if (npos) *npos = -1;
   if (mode == 2) mode = 0;  // delta deferred: the same symbols
   if (!space_ok(old_ptrs, offs, npieces) || (npieces > 0 && !new_ptrs)) return SS_EARG;
   Classes cl;
@@ -884,8 +1154,8 @@ SS_EXPORT int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, c
   SpaceRef O{old_ptrs, offs, npieces, n};
   try {
 #define SS2_SCAN(W)                                                                       \
-  return mode == 0 ? scan_impl<W, 0>(O, new_ptrs, cl, counts, hist, keys, pieces, nthreads) \
-                   : scan_impl<W, 1>(O, new_ptrs, cl, counts, hist, keys, pieces, nthreads)
+  return mode == 0 ? scan_impl<W, 0>(O, new_ptrs, cl, counts, hist, keys, pieces, pos_out, pos_cap, npos, nthreads) \
+                   : scan_impl<W, 1>(O, new_ptrs, cl, counts, hist, keys, pieces, pos_out, pos_cap, npos, nthreads)
     switch (w) {
       case 1: SS2_SCAN(1);
       case 2: SS2_SCAN(2);
@@ -903,7 +1173,8 @@ SS_EXPORT int ss2_encode(const uint64_t* old_ptrs, const uint64_t* new_ptrs, con
                          int w, int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts,
                          int ncuts, const uint32_t* freqs, uint8_t* table_out, int64_t table_cap, int64_t* table_len,
                          uint8_t* data_out, int64_t data_cap, int64_t* data_len, int32_t* ks_out,
-                         uint64_t* values_hash, int64_t* nchanged, int update_old, int nthreads) {
+                         uint64_t* values_hash, int64_t* nchanged, int update_old, const int64_t* positions,
+                         int64_t npositions, int nthreads) {
   using namespace ss::f2;
   if (!width_ok(w) || (mode != 0 && mode != 1) || log2c < 12 || log2c > 30) return SS_EARG;
   if (!space_ok(old_ptrs, offs, npieces) || (npieces > 0 && !new_ptrs)) return SS_EARG;
@@ -920,6 +1191,13 @@ SS_EXPORT int ss2_encode(const uint64_t* old_ptrs, const uint64_t* new_ptrs, con
   E.end = end;
   E.log2c = log2c;
   E.freqs = freqs;
+  if (positions) {
+    if (npositions < 0 || npositions > end - start) return SS_EARG;
+    E.pos = positions;
+    E.npos = npositions;
+  } else if (npositions != 0) {
+    return SS_EARG;
+  }
   const bool upd = update_old != 0;
   try {
 #define SS2_ENC(W)                                                                                                 \

@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define SS_ABI_VERSION 1
+#define SS_ABI_VERSION 2
 
 #define SS_OK 0
 #define SS_EARG -1       /* bad argument (width, log2c, ranges, capacity) */
@@ -101,9 +101,14 @@ int ss_simd(int max_level);
  * (FORMAT.md 4.2) is s (2^kb x 256 entries, 1 x 256 when kb = 0); keys[key] = ALL elements with that OLD key, counted
  * only in fine blocks b with b % 16 == 0 (2^kb entries, 1 when kb = 0); pieces[t] (if not NULL, npieces entries)
  * = changed elements in piece t. hist, keys and pieces are overwritten. Mode 2 counts as mode 0.
+ * pos_out (optional, pos_cap entries; then npos is required): the space indices of all changed elements, ascending,
+ * collected during the same pass. *npos = their number when they fit (<= pos_cap), else -1 and pos_out holds nothing
+ * useful (too many changes, or no memory for the per-thread runs); everything else is computed either way. With
+ * pos_out NULL, *npos (if npos is not NULL) = -1.
  * Returns the number of changed elements (>= 0) or a negative error. */
 int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces, int w,
-                 int kb, int mode, uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces, int nthreads);
+                 int kb, int mode, uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces,
+                 int64_t* pos_out, int64_t pos_cap, int64_t* npos, int nthreads);
 
 /* Pass 2 of encoding: one sparse segment of FORMAT.md 6.2-6.4 over space elements [start, end) (chunks of 2^log2c
  * from start). freqs: K x 256 tables (class c's table at freqs + 256*c; only present classes' tables are used and
@@ -111,13 +116,20 @@ int64_t ss2_scan(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64
  * sizes in *table_len / *data_len, also when the capacity is too small: SS_ECOUNT, nothing else changed),
  * ks_out[c] = class c's Rice parameter (FORMAT.md 6.4 rule) or -1 when no element of class c changes,
  * *values_hash, *nchanged. update_old != 0: afterwards old holds the new bit pattern at every changed element
- * (written only on success). Returns 0, SS_EARG, SS_ECOUNT, SS_ERANS (a changed element's symbol has frequency 0 in
- * its class's table, or a present class's table is invalid) or SS_ENOMEM. */
+ * (written only on success).
+ * positions (optional, npositions entries; NULL requires npositions = 0): the space indices of exactly the changed
+ * elements of [start, end), strictly increasing (e.g. ss2_scan's pos_out, sliced). Then old and new are not diffed
+ * over the range: new is read only at the positions, old only at the positions without cuts and over the chunks that
+ * hold positions with cuts (for the classes). The output is the same as without positions. Positions not strictly
+ * increasing or outside [start, end): SS_EARG; a position whose element is not changed (old == new): SS_ECOUNT.
+ * (A changed element missing from positions is not detected: it is coded as unchanged.)
+ * Returns 0, SS_EARG, SS_ECOUNT, SS_ERANS (a changed element's symbol has frequency 0 in its class's table, or a
+ * present class's table is invalid) or SS_ENOMEM. */
 int ss2_encode(const uint64_t* old_ptrs, const uint64_t* new_ptrs, const int64_t* offs, int64_t npieces, int w,
                int kb, int mode, int64_t start, int64_t end, int log2c, const int64_t* cuts, int ncuts,
                const uint32_t* freqs, uint8_t* table_out, int64_t table_cap, int64_t* table_len, uint8_t* data_out,
                int64_t data_cap, int64_t* data_len, int32_t* ks_out, uint64_t* values_hash, int64_t* nchanged,
-               int update_old, int nthreads);
+               int update_old, const int64_t* positions, int64_t npositions, int nthreads);
 
 /* Decodes one sparse segment of FORMAT.md 6 (seg = table_len bytes of chunk table, then the streams) over space
  * elements [start, end) and enforces every rule of FORMAT.md 4.4 and 6.5. ks[c] = class c's Rice parameter or -1

@@ -179,9 +179,12 @@ SS_INLINE void ge_masks(const uint8_t* p, const Classes& cl, uint64_t valid, uin
 
 // ---------------------------------------------------------------- scan (fine blocks [b0, b1))
 // pieces (if not NULL): changed elements per piece, added atomically (tasks share pieces at their borders).
+// pout (if not NULL, room for every element of the blocks): the space indices of the changed elements, ascending.
+// Returns the number of indices written to pout (0 without pout).
 template <int W, int MODE>
-void scan_blocks(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, int64_t b0, int64_t b1,
-                 uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces) {
+int64_t scan_blocks(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, int64_t b0, int64_t b1,
+                    uint32_t* counts, uint64_t* hist, uint64_t* keys, int64_t* pieces, int64_t* pout) {
+  int64_t* const pout0 = pout;
   typedef typename UInt<W>::T T;
   alignas(64) uint8_t to[64 * W];
   alignas(64) uint8_t tn[64 * W];
@@ -222,6 +225,9 @@ void scan_blocks(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, in
           }
         }
       }
+      if (pout) {
+        for (uint64_t m = dm; m; m &= m - 1) *pout++ = v + ctz64(m);
+      }
       while (dm) {
         const int i = ctz64(dm);
         dm &= dm - 1;
@@ -241,6 +247,7 @@ void scan_blocks(const SpaceRef& O, const uint64_t* nptrs, const Classes& cl, in
     counts[blk] = c;
   }
   if (pieces && pc_n) __atomic_fetch_add(&pieces[pc_t], pc_n, __ATOMIC_RELAXED);
+  return pout ? (int64_t)(pout - pout0) : 0;
 }
 
 // ---------------------------------------------------------------- encode pass 1 (one chunk)
@@ -293,13 +300,7 @@ int enc_chunk(const EncCtx& E, int64_t j, EncWorker<W>& wk, uint32_t* totals, in
       wk.add_gap(c, gap);
       wk.present |= 1u << c;
       Rec<W> r;
-      r.pos = (uint32_t)(b + i);
-      r.rank = (uint32_t)rank;
-      r.gap = (uint32_t)gap;
-      r.cls = (uint8_t)c;
-      r.sym = (uint8_t)sym;
-      r.newv = nv;
-      r.oldv = ov;
+      r.set(b + i, rank, gap, c, sym, nv, ov);
       wk.recs.push_back(r);
       ++nch;
     }
@@ -314,6 +315,243 @@ int enc_chunk(const EncCtx& E, int64_t j, EncWorker<W>& wk, uint32_t* totals, in
     for (int c = 0; c < K; ++c) wk.add_gap(c, last[c] < 0 ? totals[c] : totals[c] - (uint64_t)last[c] - 1);
   *nout = nch;
   return SS_OK;
+}
+
+// ---------------------------------------------------------------- encode pass 1 from known positions (one chunk)
+// Gap costs of one chunk (the Rice rule needs, per class, how many gaps have bit j set, EncWorker::bits): with
+// AVX-512 as 32 u32 counters per class, one masked add per 16 bits and no branch per set bit (gaps < 2^30, and a
+// chunk has fewer than 2^32 gaps), folded into the worker's counters at the end of the chunk.
+struct ChunkGaps {
+#if SS2_LV == 1
+  alignas(64) uint32_t cnt[kMaxClasses][32];
+#endif
+  uint64_t ngaps[kMaxClasses];
+  int K;
+  explicit ChunkGaps(int k) : K(k) {
+    for (int c = 0; c < K; ++c) {
+#if SS2_LV == 1
+      _mm512_store_si512(cnt[c], _mm512_setzero_si512());
+      _mm512_store_si512(cnt[c] + 16, _mm512_setzero_si512());
+#endif
+      ngaps[c] = 0;
+    }
+  }
+  template <int W>
+  SS_INLINE void add(EncWorker<W>& wk, int c, uint64_t g) {
+    ++ngaps[c];
+#if SS2_LV == 1
+    (void)wk;
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i a = _mm512_load_si512(cnt[c]), b = _mm512_load_si512(cnt[c] + 16);
+    _mm512_store_si512(cnt[c], _mm512_mask_add_epi32(a, (__mmask16)g, a, one));
+    _mm512_store_si512(cnt[c] + 16, _mm512_mask_add_epi32(b, (__mmask16)(g >> 16), b, one));
+#else
+    uint64_t* bb = wk.bits + c * 64;
+    for (; g; g &= g - 1) ++bb[ctz64(g)];
+#endif
+  }
+  template <int W>
+  void flush(EncWorker<W>& wk) {
+    for (int c = 0; c < K; ++c) {
+      if (!ngaps[c]) continue;
+      wk.ngaps[c] += ngaps[c];
+#if SS2_LV == 1
+      for (int j = 0; j < 32; ++j) wk.bits[c * 64 + j] += cnt[c][j];
+#endif
+    }
+  }
+};
+
+// The context part of enc_chunk_pos (cuts given): walks every 64-element block of the chunk for the class counts;
+// blocks without a change only add to them. NCMAX >= ncut bounds the unrolled loops over cuts, so that the running
+// counts live in registers.
+template <int W, int MODE, int NCMAX>
+SS_INLINE int enc_ctx_pos(const EncCtx& E, int64_t cs, int64_t clen, const int64_t* P, int64_t np, Rec<W>* R,
+                          EncWorker<W>& wk, uint32_t* totals, ChunkGaps& cg) {
+  typedef typename UInt<W>::T T;
+  const Classes& cl = E.cl;
+  const int K = cl.K, nc = cl.ncut;
+  const int64_t* offs = E.O.offs;
+  const uint64_t* optr = E.O.ptrs;
+  const uint64_t* nptr = E.nptrs;
+  constexpr int64_t kAhead = 64;
+  alignas(64) uint8_t to[64 * W];
+  uint64_t G[NCMAX];  // elements with key >= cuts[q] in the blocks so far (this block included)
+  uint64_t Gm[NCMAX + 1], ge[NCMAX + 1];  // copies for the changes' dynamic class indices
+  int64_t last[kMaxClasses];
+#pragma GCC unroll 32
+  for (int q = 0; q < NCMAX; ++q) G[q] = 0;
+  for (int c = 0; c < K; ++c) last[c] = -1;
+#if SS2_LV == 1
+  __m512i cv[NCMAX];
+#pragma GCC unroll 32
+  for (int q = 0; q < NCMAX; ++q) cv[q] = _mm512_set1_epi8((char)(q < nc ? cl.cut8[q] : 0));
+#endif
+  uint32_t present = 0;
+  int64_t c0 = locate(offs, E.O.np, cs), tn = c0, ta = c0;
+  for (int64_t i = 0; i < std::min(np, kAhead); ++i) {
+    const int64_t va = P[i];
+    while (va >= offs[ta + 1]) ++ta;
+    __builtin_prefetch((const uint8_t*)(uintptr_t)nptr[ta] + (va - offs[ta]) * W, 0, 3);
+  }
+  int64_t q = 0;
+  int64_t next = P[0];  // the next change
+  for (int64_t b = 0; b < clen; b += 64) {
+    const int cnt = (int)std::min<int64_t>(64, clen - b);
+    const uint64_t valid = low_mask(cnt);
+    const uint8_t* po = fetch64<W>(optr, offs, c0, cs + b, cnt, to);
+    const int64_t bend = cs + b + cnt;
+#if SS2_LV == 1
+    const __m512i keys = key_bytes<W>(po, cl);
+    if (next >= bend) {  // no change in the block: class counts only
+#pragma GCC unroll 32
+      for (int qq = 0; qq < NCMAX; ++qq)
+        if (qq < nc) G[qq] += (uint64_t)popc(_mm512_mask_cmpge_epu8_mask((__mmask64)valid, keys, cv[qq]));
+      continue;
+    }
+#pragma GCC unroll 32
+    for (int qq = 0; qq < NCMAX; ++qq)
+      if (qq < nc) {
+        ge[qq] = _mm512_mask_cmpge_epu8_mask((__mmask64)valid, keys, cv[qq]);
+        G[qq] += (uint64_t)popc(ge[qq]);
+        Gm[qq] = G[qq];
+      }
+#else
+    ge_masks<W>(po, cl, valid, ge);
+#pragma GCC unroll 32
+    for (int qq = 0; qq < NCMAX; ++qq)
+      if (qq < nc) {
+        G[qq] += (uint64_t)popc(ge[qq]);
+        Gm[qq] = G[qq];
+      }
+    if (next >= bend) continue;
+#endif
+    for (; q < np && P[q] < bend; ++q) {
+      if (q + kAhead < np) {
+        const int64_t va = P[q + kAhead];
+        while (va >= offs[ta + 1]) ++ta;
+        __builtin_prefetch((const uint8_t*)(uintptr_t)nptr[ta] + (va - offs[ta]) * W, 0, 3);
+      }
+      const int64_t v = P[q];
+      const int i = (int)(v - cs - b);
+      while (v >= offs[tn + 1]) ++tn;
+      const T ov = load_elem<W>(po + i * W);
+      const T nv = load_elem<W>((const uint8_t*)(uintptr_t)nptr[tn] + (v - offs[tn]) * W);
+      if (SS_UNLIKELY(ov == nv)) return SS_ECOUNT;
+      const int c = cl.of((uint64_t)ov);
+      // rank among the chunk's class-c elements: (elements with key >= cuts[c-1]) - (key >= cuts[c]) before i,
+      // from the counts including this block minus the block's elements at or after i
+      const uint64_t after = ~low_mask(i);
+      const uint64_t lo = c == 0 ? (uint64_t)(b + i) : Gm[c - 1] - (uint64_t)popc(ge[c - 1] & after);
+      const uint64_t hi = c == nc ? 0 : Gm[c] - (uint64_t)popc(ge[c] & after);
+      const uint64_t rank = lo - hi;
+      const int sym = MODE == 0 ? delta_symbol_only<W>(ov, nv) : (int)((uint64_t)nv >> (8 * W - 8));
+      if (SS_UNLIKELY(E.freqs[c * 256 + sym] == 0)) return SS_ERANS;
+      const uint64_t gap = last[c] < 0 ? rank : rank - (uint64_t)last[c] - 1;
+      last[c] = (int64_t)rank;
+      cg.add(wk, c, gap);
+      present |= 1u << c;
+      R[q].set(b + i, rank, gap, c, sym, nv, ov);
+    }
+    next = q < np ? P[q] : INT64_MAX;
+  }
+#pragma GCC unroll 32
+  for (int qq = 0; qq < NCMAX; ++qq)
+    if (qq < nc) Gm[qq] = G[qq];
+  for (int c = 0; c < K; ++c) {
+    const uint64_t a0 = c == 0 ? (uint64_t)clen : Gm[c - 1];
+    const uint64_t a1 = c == nc ? 0 : Gm[c];
+    totals[c] = (uint32_t)(a0 - a1);
+    cg.add(wk, c, last[c] < 0 ? totals[c] : totals[c] - (uint64_t)last[c] - 1);
+  }
+  cg.flush(wk);
+  wk.present |= present;
+  return SS_OK;
+}
+
+// P[0..np) (np >= 1): the space indices of the chunk's changed elements, strictly increasing and inside the chunk
+// (checked by the caller). Fills R[0..np) and adds the same gap costs as enc_chunk; writes the chunk's class totals.
+// Reads new only at P; old only at P without cuts, and over the whole chunk with cuts (ranks within a class need the
+// class of every element before the change). Returns 0, SS_ECOUNT (an element of P is not changed) or SS_ERANS.
+template <int W, int MODE>
+int enc_chunk_pos(const EncCtx& E, int64_t j, const int64_t* P, int64_t np, Rec<W>* R, EncWorker<W>& wk,
+                  uint32_t* totals) {
+  typedef typename UInt<W>::T T;
+  const int64_t C = (int64_t)1 << E.log2c;
+  const int64_t cs = E.start + j * C, clen = std::min(C, E.end - cs);
+  const Classes& cl = E.cl;
+  const int K = cl.K, nc = cl.ncut;
+  const int64_t* offs = E.O.offs;
+  const uint64_t* optr = E.O.ptrs;
+  const uint64_t* nptr = E.nptrs;
+  constexpr int64_t kAhead = 64;  // software prefetch distance (independent misses instead of a chain)
+  ChunkGaps cg(K);
+  if (nc == 0) {
+    int64_t t = locate(offs, E.O.np, P[0]), ta = t;
+    for (int64_t i = 0; i < std::min(np, kAhead); ++i) {
+      const int64_t va = P[i];
+      while (va >= offs[ta + 1]) ++ta;
+      const int64_t o = (va - offs[ta]) * W;
+      __builtin_prefetch((const uint8_t*)(uintptr_t)optr[ta] + o, 0, 3);
+      __builtin_prefetch((const uint8_t*)(uintptr_t)nptr[ta] + o, 0, 3);
+    }
+    const uint32_t* freqs = E.freqs;
+    int64_t last = -1;
+#if SS2_LV == 1
+    // class 0's gap bit counters in registers (no store-to-load chain through cg.cnt)
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+#endif
+    for (int64_t i = 0; i < np; ++i) {
+      if (i + kAhead < np) {
+        const int64_t va = P[i + kAhead];
+        while (va >= offs[ta + 1]) ++ta;
+        const int64_t o = (va - offs[ta]) * W;
+        __builtin_prefetch((const uint8_t*)(uintptr_t)optr[ta] + o, 0, 3);
+        __builtin_prefetch((const uint8_t*)(uintptr_t)nptr[ta] + o, 0, 3);
+      }
+      const int64_t v = P[i];
+      while (v >= offs[t + 1]) ++t;
+      const int64_t o = (v - offs[t]) * W;
+      const T ov = load_elem<W>((const uint8_t*)(uintptr_t)optr[t] + o);
+      const T nv = load_elem<W>((const uint8_t*)(uintptr_t)nptr[t] + o);
+      if (SS_UNLIKELY(ov == nv)) return SS_ECOUNT;
+      const int sym = MODE == 0 ? delta_symbol_only<W>(ov, nv) : (int)((uint64_t)nv >> (8 * W - 8));
+      if (SS_UNLIKELY(freqs[sym] == 0)) return SS_ERANS;
+      const int64_t p = v - cs;
+      const uint64_t gap = (uint64_t)(p - last - 1);
+      last = p;
+#if SS2_LV == 1
+      acc0 = _mm512_mask_add_epi32(acc0, (__mmask16)gap, acc0, one);
+      acc1 = _mm512_mask_add_epi32(acc1, (__mmask16)(gap >> 16), acc1, one);
+#else
+      cg.add(wk, 0, gap);
+#endif
+      Rec<W>& r = R[i];
+      r.pos = (uint32_t)p;
+      r.rank = (uint32_t)p;
+      r.gap = (uint32_t)gap;
+      r.cls = 0;
+      r.sym = (uint8_t)sym;
+      r.newv = nv;
+      r.oldv = ov;
+    }
+    totals[0] = (uint32_t)clen;
+#if SS2_LV == 1
+    _mm512_store_si512(cg.cnt[0], acc0);
+    _mm512_store_si512(cg.cnt[0] + 16, acc1);
+    cg.ngaps[0] = (uint64_t)np;
+#endif
+    cg.add(wk, 0, (uint64_t)(clen - last - 1));
+    cg.flush(wk);
+    wk.present |= 1u;
+    return SS_OK;
+  }
+#if SS2_LV == 1
+  if (nc <= 8) return enc_ctx_pos<W, MODE, 8>(E, cs, clen, P, np, R, wk, totals, cg);
+  if (nc <= 16) return enc_ctx_pos<W, MODE, 16>(E, cs, clen, P, np, R, wk, totals, cg);
+#endif
+  return enc_ctx_pos<W, MODE, kMaxClasses - 1>(E, cs, clen, P, np, R, wk, totals, cg);
 }
 
 // ---------------------------------------------------------------- decode (one chunk with n > 0)

@@ -16,7 +16,7 @@ import torch
 from . import config
 from .reference import KernelError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ERRORS = {
     -1: "bad argument",
     -2: "chunk table malformed",
@@ -53,12 +53,12 @@ _SIGNATURES = {
     # format 2 (spaces: ptrs, offs, npieces)
     "ss2_scan": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]),
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, _c_i64p, ctypes.c_int]),
     "ss2_encode": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                   _c_i64p, ctypes.c_void_p, ctypes.c_int64, _c_i64p, ctypes.c_void_p, _c_u64p,
-                                  _c_i64p, ctypes.c_int, ctypes.c_int]),
+                                  _c_i64p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]),
     "ss2_decode": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                   ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
@@ -268,7 +268,15 @@ def _touched_arg(touched, sp):
     return touched.ctypes.data
 
 
-def scan2(old, new, mode: int):
+_EMPTY_POS = np.zeros(1, dtype=np.int64)
+
+
+def positions_cap(n: int) -> int:
+    """Capacity of scan2's positions output for a space of n elements: more changes than this -> idx None."""
+    return n // 8 + 1024
+
+
+def scan2(old, new, mode: int, positions: bool = False):
     _check_pair(old, new)
     op, offs, npc, _k1 = _space_args(old)
     nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
@@ -277,15 +285,27 @@ def scan2(old, new, mode: int):
     hist = np.zeros((nkeys, 256), dtype=np.uint64)
     keys = np.zeros(nkeys, dtype=np.uint64)
     pieces = np.zeros(npc, dtype=np.int64)
+    cap = positions_cap(old.n) if positions else 0
+    # not zero-filled: only the pages the kernel writes are ever touched (and the result is a view of them)
+    pos = torch.empty(cap, dtype=torch.int64) if positions else None
+    npos = ctypes.c_int64(-1)
     total = lib.ss2_scan(op, nptr.ctypes.data, offs, npc, old.w, old.kb, mode, counts.ctypes.data, hist.ctypes.data,
-                         keys.ctypes.data, pieces.ctypes.data, config.threads())
+                         keys.ctypes.data, pieces.ctypes.data, _ptr(pos) if positions else None, cap,
+                         ctypes.byref(npos), config.threads())
     _check(total, "ss2_scan")
-    return counts, hist, keys, int(total), pieces
+    if not positions:
+        return counts, hist, keys, int(total), pieces
+    idx = pos[:npos.value] if npos.value >= 0 else None
+    return counts, hist, keys, int(total), pieces, idx
 
 
 def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
-            nchanged_hint: int | None = None):
+            nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
     _check_pair(old, new)
+    if positions is not None:
+        positions = _idx_arg(positions)
+        if nchanged_hint is None:
+            nchanged_hint = positions.numel()
     op, offs, npc, _k1 = _space_args(old)
     nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
     cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
@@ -303,13 +323,17 @@ def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, 
     ks = np.zeros(K, dtype=np.int32)
     tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
     vh = ctypes.c_uint64()
+    if positions is None:
+        pos_p, npos = None, 0
+    else:  # an empty positions tensor means "no change in the range", not "diff the range": pass a real address
+        pos_p, npos = (_ptr(positions) if positions.numel() else _EMPTY_POS.ctypes.data), positions.numel()
     for _attempt in range(2):
         table = np.empty(table_cap, dtype=np.uint8)
         data = np.empty(data_cap, dtype=np.uint8)
         rc = lib.ss2_encode(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
                             f.ctypes.data, table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data,
                             data_cap, ctypes.byref(dlen), ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out),
-                            int(bool(update_old)), config.threads())
+                            int(bool(update_old)), pos_p, npos, config.threads())
         if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
             table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)  # the hint was too small
             continue

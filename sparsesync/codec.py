@@ -26,7 +26,7 @@ from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType,
                      SparseSyncError, VersionConflict, VersionMismatch)
 from .format import (FORMATS, VALUE_MODES, Header, Segment, Segment2, build_freq, entropy_bits, header_hash,
                      pack_bucket, pack_freq, parse_bucket, rice_bits, unpack_freq, update_uid)
-from .plan2 import plan_classes, plan_regions
+from .plan2 import plan_bits, plan_classes, plan_regions, tables_bits
 from .space import Space, spaces_of
 from .kernels import impl
 from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
@@ -34,7 +34,9 @@ from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bi
 log = logging.getLogger("sparsesync")
 
 RUN_CHANGES = 1024           # format 2: a tensor with this many changes is planned on its own statistics ...
-MAX_RUNS = 64                # ... if it is among the 64 most changed tensors of its space
+MAX_RUNS = 64                # ... if it is among the 64 most changed tensors of its space ...
+RUN_GAIN_BITS = 8 * 64       # ... and, when it was planned alone before, that saved more than a segment header
+RUN_REVIEW = 16              # every this many updates, every candidate is planned alone again
 CHUNK_TARGET = 1024          # aim for about this many changed elements per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
 MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack ints in [0, 2^63)
@@ -121,6 +123,7 @@ class _TensorPlan:
     space: Space | None = None
     old_space: Space | None = None
     packed: tuple | None = None          # the classes' packed tables (made once per region)
+    positions: torch.Tensor | None = None  # the run's changed space indices, from the scan (None: too many)
 
 
 @dataclass
@@ -281,6 +284,8 @@ class Encoder:
         self._ldig: bytes | None = None
         self._digest_plan: tuple | None = None    # (DigestPlan, tensors, their addresses, their sizes)
         self._changes: dict[str, np.ndarray | None] = {}   # format 2: changes per tensor of each space, last update
+        self._gains: dict[str, dict] = {}     # format 2: bits a tensor saved when planned alone (see _runs)
+        self._updates2 = 0
         bucket_bytes = config.get_int("SPARSESYNC_BUCKET_BYTES") if bucket_bytes is None else bucket_bytes
         if type(bucket_bytes) is not int or bucket_bytes < 4096:
             raise InvalidArgument(f"bucket_bytes must be an int >= 4096, got {_short(bucket_bytes)}")
@@ -312,6 +317,7 @@ class Encoder:
         self._digest_plan = None
         self._fast = None
         self._changes = {}
+        self._gains = {}
 
     def _spaces(self) -> dict[str, Space]:
         if self._old_spaces is None:
@@ -572,6 +578,8 @@ class Encoder:
             new_spaces = self._spaces()
         elif slow:
             self._remember(state, items)
+        if not full:
+            self._updates2 += 1
         old_spaces = self._spaces()
         stats = UpdateStats(tensors=len(self.layout))
         for sp in old_spaces.values():
@@ -592,20 +600,46 @@ class Encoder:
                     stats.tensors_changed += len(sp.names)
                     yield _TensorPlan(dn, None, sp.w, "d", length=sp.n, space=old, old_space=old)
                     continue
-                seen = []
-                for i0, i1 in self._runs(dn, len(sp.names)):
-                    o0 = int(sp.offs[i0])
-                    run_new, run_old = (sp, old) if (i0, i1) == (0, len(sp.names)) else (sp.sub(i0, i1),
-                                                                                         old.sub(i0, i1))
-                    counts, hist, keys, total, pieces = impl().scan2(run_old, run_new, self.mode)
-                    seen.append(pieces)
+                def scan_runs(bounds):
+                    out = []
+                    for i0, i1 in bounds:
+                        whole = (i0, i1) == (0, len(sp.names))
+                        run_new, run_old = (sp, old) if whole else (sp.sub(i0, i1), old.sub(i0, i1))
+                        counts, hist, keys, total, pieces, pos = impl().scan2(run_old, run_new, self.mode,
+                                                                              positions=True)
+                        if pos is not None and i0:
+                            pos = pos + int(sp.offs[i0])      # space indices (the scan counted from the run)
+                        nb = len(counts)
+                        out.append((i0, i1, run_new, counts, hist, keys, nb / max(1, -(-nb // 16)), total, pieces,
+                                    pos))
+                    return out
+                first_time = self._changes.get(dn) is None
+                runs = scan_runs(self._runs(dn, len(sp.names)))
+                if first_time and len(runs) == 1 and sp.kb and self.context is not False:
+                    # no history yet: the pooled scan says which tensors change enough to be planned alone (one
+                    # more scan of the space, on the first update only)
+                    self._changes[dn] = runs[0][8]
+                    bounds = self._runs(dn, len(sp.names))
+                    if len(bounds) > 1:
+                        runs = scan_runs(bounds)
+                ctx = self.context if sp.kb else False
+                pool = None
+                if len(runs) > 1:       # what each tensor planned alone gains over the space's pooled plan
+                    hist_all = sum(r[4].astype(np.float64) for r in runs)
+                    keys_all = sum(r[5].astype(np.float64) * r[6] for r in runs)
+                    pool = plan_classes(hist_all, keys_all, 1.0, sp.n, sp.w, self.mode, ctx)
+                    pool_ref = (hist_all, np.maximum(keys_all, hist_all.sum(axis=1)))
+                gains = self._gains.setdefault(dn, {})
+                for i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos in runs:
                     if not total:
                         continue
                     stats.changed += total
                     stats.tensors_changed += int(np.count_nonzero(pieces))
-                    nb = len(counts)
-                    cp = plan_classes(hist, keys, nb / -(-nb // 16), run_new.n, sp.w, self.mode,
-                                      self.context if sp.kb else False)
+                    cp = plan_classes(hist, keys, scale, run_new.n, sp.w, self.mode, ctx)
+                    if pool is not None and i1 == i0 + 1:
+                        own = plan_bits(cp, hist, keys, scale, run_new.n) + tables_bits(cp)
+                        gains[i0] = plan_bits(pool, hist, keys, scale, run_new.n, pool_ref) - own
+                    o0 = int(sp.offs[i0])
                     log.debug("space %s tensors %d..%d: %d of %d elements changed, %s, about %.3f bits per change",
                               dn, i0, i1 - 1, total, run_new.n,
                               f"{len(cp.cuts) + 1} classes" if cp.context else "order-0", cp.bits_per_change)
@@ -616,7 +650,9 @@ class Encoder:
                         else:
                             yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
                                               cp.bits_per_change / 8, origin=o0 + r.start, length=r.end - r.start,
-                                              cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old)
+                                              cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old,
+                                              positions=pos)
+                seen = [r[8] for r in runs]
                 self._changes[dn] = np.concatenate(seen) if seen else None
         ldig = self._layout_digest()
         base = None if full else self.version
@@ -641,7 +677,12 @@ class Encoder:
         last = self._changes.get(dn)
         if last is None or len(last) != ntensors:
             return [(0, ntensors)]
+        gains = self._gains.setdefault(dn, {})
+        if self._updates2 % RUN_REVIEW == 0:
+            gains.clear()                         # now and then every candidate is planned alone again
         big = np.flatnonzero(last >= RUN_CHANGES)
+        # a tensor planned alone before stays alone only if that saved more than its segment's header costs
+        big = np.array([b for b in big.tolist() if gains.get(b, math.inf) > RUN_GAIN_BITS], dtype=np.int64)
         if big.size == 0:
             return [(0, ntensors)]
         if big.size > MAX_RUNS:        # tens of thousands of experts: the few largest alone, the rest pooled
@@ -661,10 +702,14 @@ class Encoder:
         tp = sp.tp
         dense_len = (sp.end - sp.start) * tp.w
         if tp.kind == "s":
+            pos = tp.positions
+            if pos is not None:      # the scan's positions: the encoder need not diff the range again
+                a, b = torch.searchsorted(pos, torch.tensor([sp.start, sp.end], dtype=torch.int64)).tolist()
+                pos = pos[a:b]
             try:
                 table, data, ks, vhash, nch = impl().encode2(tp.old_space, tp.space, self.mode, sp.start, sp.end,
                                                              tp.log2c, list(tp.cuts), tp.freqs, update_old=True,
-                                                             nchanged_hint=sp.nchanged)
+                                                             nchanged_hint=sp.nchanged, positions=pos)
             except KernelError as exc:      # a symbol the plan did not count: the state changed meanwhile
                 raise SparseSyncError(f"{tp.space.describe(sp.start, sp.end)} changed between planning and encoding "
                                       f"({exc})") from None
@@ -673,7 +718,15 @@ class Encoder:
             if len(table) + len(data) < dense_len:
                 if tp.packed is None:
                     tp.packed = tuple(pack_freq(f) if f.any() else b"" for f in tp.freqs)
-                cls = tuple(None if k is None else (k, tp.packed[c]) for c, k in enumerate(ks))
+                cls, last = [], None
+                for c, k in enumerate(ks):
+                    if k is None:
+                        cls.append(None)
+                        continue
+                    ftab = tp.packed[c]
+                    cls.append((k, b"" if ftab == last else ftab))   # shared with the previous present class
+                    last = ftab
+                cls = tuple(cls)
                 return Segment2(tp.name, "s", sp.start, sp.end, tp.log2c, len(table), 0, len(table) + len(data),
                                 tp.cuts, cls, vhash, nch), [table, data]
             log.debug("%s: sparse coding took %d B, dense %d B: sent dense", tp.space.describe(sp.start, sp.end),
@@ -831,9 +884,12 @@ def _class_tables(cls: tuple, max_sym: int) -> np.ndarray:
     out = _TABLES.get(key)
     if out is None:
         out = np.zeros((len(cls), 256), dtype=np.uint32)
+        last = None
         for c, entry in enumerate(cls):
             if entry is not None:
-                out[c] = unpack_freq(entry[1], max_sym)
+                if entry[1]:
+                    last = unpack_freq(entry[1], max_sym)
+                out[c] = last           # an empty table: the nearest present class's before it (FORMAT.md §6.3)
         if len(_TABLES) > 256:
             _TABLES.clear()
         _TABLES[key] = out

@@ -354,7 +354,10 @@ def _segment2(raw, body_len: int, vals: str, expect_off: int) -> Segment2:
         if not isinstance(c, list) or len(c) != 2 or type(c[0]) is not int or not 0 <= c[0] <= log2c or \
                 not isinstance(c[1], bytes):
             raise CorruptPayload(f"sparse {where}: class entry {_r(c)} is not [k <= log2c, table]")
-        unpack_freq(c[1], max_sym)
+        if c[1]:
+            unpack_freq(c[1], max_sym)
+        elif all(e is None for e in out):
+            raise CorruptPayload(f"sparse {where}: the first present class refers to an earlier class's table")
         out.append((c[0], bytes(c[1])))
     if all(c is None for c in out):
         raise CorruptPayload(f"sparse {where}: no class is present")

@@ -476,8 +476,11 @@ def report(rows: list[dict], args) -> None:
 def _report(rows: list[dict], args, out: Path) -> None:
     from .cli import format_ratio
     rates = list(dict.fromkeys(r["rate"] for r in rows))
-    what = f"trace {args.trace} step {args.trace_step} -> {args.trace_step + 1}" if args.trace else \
-        f"{args.params / 1e9:.2f}B bf16 params in tensors of {args.tensor_elems} elements, {args.density}% changed"
+    trace, step = getattr(args, "trace", None), getattr(args, "trace_step", 0)
+    elems = getattr(args, "tensor_elems", None)
+    what = f"trace {trace} step {step} -> {step + 1}" if trace else \
+        f"{args.params / 1e9:.2f}B bf16 params" + (f" in tensors of {elems} elements" if elems else "") + \
+        f", {args.density}% changed"
     print(f"\nsparsesync bench: {what}, one sync, end to end "
           "(encode + wire + apply, bit-exact digest checked); each emulated host pinned to its own half of the "
           "CPUs")
@@ -505,8 +508,8 @@ def _report(rows: list[dict], args, out: Path) -> None:
                   f"| {r['seconds']:.3f} | {r['link_bytes']:,} | {r['pipelining_ratio']:.2f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "net.json").write_text(json.dumps({"params": args.params, "density_pct": args.density,
-                                              "tensor_elems": args.tensor_elems, "trace": args.trace,
-                                              "trace_step": args.trace_step, "rows": rows}, indent=1))
+                                              "tensor_elems": elems, "trace": trace, "trace_step": step,
+                                              "rows": rows}, indent=1))
     print(f"wrote {out / 'net.txt'}")
     print(f"wrote {out / 'net.json'}")
     try:
@@ -525,7 +528,7 @@ def _report(rows: list[dict], args, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("link rate (Gbit/s)")
     ax.set_ylabel("time per sync (s)")
-    ax.set_title(f"trace {Path(args.trace).name}" if args.trace else
+    ax.set_title(f"trace {Path(trace).name}" if trace else
                  f"{args.params / 1e9:.2f}B bf16 params, {args.density}% changed")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

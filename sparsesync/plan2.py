@@ -18,7 +18,7 @@ CHUNK_TARGET = 1024           # about this many changes per chunk (parallel deco
 MIN_LOG2C, MAX_LOG2C = 12, 30
 SPLIT_ZERO_BLOCKS = 256       # a sparse run is cut where this many fine blocks in a row have no change
 DENSE_MARGIN = 256            # a run goes dense only if that saves more than this many bytes
-SEGMENT_BYTES = 48            # header bytes a segment costs, about
+TABLE_SHARE = 0.3             # planning: the part of a value table a position class is charged (tables are shared)
 
 
 def _rice_bits(p: np.ndarray) -> np.ndarray:
@@ -61,8 +61,9 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
     """Choose classes for a space from the scan's (key, symbol) histogram of changes and its sampled key counts.
 
     ``context``: None = by estimated size, True = use classes whenever the dtype has keys, False = one class.
-    Greedy: every occurring key starts as its own class; adjacent classes merge while merging costs fewer bits than
-    a class costs (its table and its final gaps), and until at most MAX_CLASSES remain.
+    Greedy: every occurring key starts as its own class; adjacent classes merge while merging costs fewer position
+    bits than a class costs (its final gaps, Rice parameter and cut), and until at most MAX_CLASSES remain. Then
+    neighbouring classes share value tables while a table of their own would not pay for itself.
     """
     hist = np.asarray(hist, dtype=np.float64)
     total = hist.sum()
@@ -79,39 +80,116 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
     occ = np.flatnonzero(cnt > 0)
     if occ.size <= 1:
         return o0 if context is None else ClassPlan([], o0.freqs, o0.bits_per_change, False)
-    # units: [first key, n elements, changes, symbol histogram]
+    # position classes. Units: [first key, n elements, changes, symbol histogram]
     first = occ.copy()
     un = cnt[occ].copy()
     uc = chg[occ].copy()
     uh = hist[occ].copy()
+    nseg = max(1.0, nchunks / 64)
 
     def cost(n_, c_, h_):
-        pos = np.where(c_ > 0, _rice_bits(np.where(n_ > 0, c_ / np.maximum(n_, 1), 1.0)) * c_, 0.0)
+        """Bits of classes: positions, values (as if with a table of its own) and what a present class costs
+        besides: its final gap in every chunk, its Rice parameter and cut in every segment, and part of a value
+        table (neighbours may share one; decided below)."""
         present = c_ > 0
-        table = np.where(present, 8.0 * (2 + 2 * (h_ > 0).sum(axis=1)) * max(1.0, nchunks / 64), 0.0)
+        pos = np.where(present, _rice_bits(np.where(n_ > 0, c_ / np.maximum(n_, 1), 1.0)) * c_, 0.0)
         finals = np.where(present, nchunks * (2.0 + np.log2(np.maximum(n_ / np.maximum(c_, 1), 1.0))), 0.0)
-        return pos + _entropy_rows(h_) + table + finals
+        table = np.where(present, TABLE_SHARE * 8.0 * (2 + 2 * (h_ > 0).sum(axis=1)) * nseg, 0.0)
+        return pos + finals + np.where(present, 24.0 * nseg, 8.0 * nseg) + _entropy_rows(h_) + table
 
     cur = cost(un, uc, uh)
     while first.size > 1:
-        mn, mc, mh = un[:-1] + un[1:], uc[:-1] + uc[1:], uh[:-1] + uh[1:]
-        delta = cost(mn, mc, mh) - cur[:-1] - cur[1:]
+        mn, mc = un[:-1] + un[1:], uc[:-1] + uc[1:]
+        delta = cost(mn, mc, uh[:-1] + uh[1:]) - cur[:-1] - cur[1:]
         j = int(np.argmin(delta))
         if delta[j] > 0 and first.size <= MAX_CLASSES:
             break
         un = np.concatenate([un[:j], mn[j:j + 1], un[j + 2:]])
         uc = np.concatenate([uc[:j], mc[j:j + 1], uc[j + 2:]])
-        uh = np.concatenate([uh[:j], mh[j:j + 1], uh[j + 2:]])
+        uh = np.concatenate([uh[:j], uh[j:j + 1] + uh[j + 1:j + 2], uh[j + 2:]])
         first = np.concatenate([first[:j + 1], first[j + 2:]])
-        cur = np.concatenate([cur[:j], cost(mn[j:j + 1], mc[j:j + 1], mh[j:j + 1]), cur[j + 2:]])
+        cur = np.concatenate([cur[:j], cost(mn[j:j + 1], mc[j:j + 1], uh[j:j + 1]), cur[j + 2:]])
     if first.size == 1:
         return o0 if context is None else ClassPlan([], o0.freqs, o0.bits_per_change, False)
-    ctx_bits = float(cur.sum() + extra)
+    # value tables: neighbouring present classes share one (FORMAT.md §6.3: an empty table refers back) while a
+    # table of its own would save fewer bits than it costs
+    groups = [[i] for i in range(first.size) if uc[i] > 0]
+    gh = [uh[g[0]].copy() for g in groups]
+
+    def table_bits(h):
+        return 8.0 * (2 + 2 * int((h > 0).sum())) * nseg
+
+    while len(groups) > 1:
+        ent = _entropy_rows(np.stack(gh))
+        merged = _entropy_rows(np.stack([gh[i] + gh[i + 1] for i in range(len(gh) - 1)]))
+        gain = merged - ent[:-1] - ent[1:] - np.array([table_bits(gh[i + 1]) for i in range(len(gh) - 1)])
+        j = int(np.argmin(gain))
+        if gain[j] > 0:
+            break
+        groups[j] += groups.pop(j + 1)
+        gh[j] = gh[j] + gh.pop(j + 1)
+    val_bits = float(_entropy_rows(np.stack(gh)).sum()) + sum(table_bits(h) for h in gh)
+    own_vals = _entropy_rows(uh) + np.where(uc > 0, TABLE_SHARE * 8.0 * (2 + 2 * (uh > 0).sum(axis=1)) * nseg, 0.0)
+    ctx_bits = float(cur.sum() - own_vals.sum() + val_bits + extra)
     if context is None and ctx_bits >= 0.97 * o0_bits:
         return o0
     cuts = [int(k) for k in first[1:]]
-    freqs = np.stack([build_freq(h) if h.sum() > 0 else np.zeros(256, dtype=np.uint32) for h in uh])
+    freqs = np.zeros((first.size, 256), dtype=np.uint32)
+    for g, h in zip(groups, gh):
+        f = build_freq(h)
+        for i in g:
+            freqs[i] = f
     return ClassPlan(cuts, freqs, ctx_bits / max(total, 1), True)
+
+
+def _class_stats(cuts, hist: np.ndarray, cnt: np.ndarray):
+    """(elements, changes, symbol histogram) per class of ``cuts``."""
+    bounds = [0] + list(cuts) + [hist.shape[0]]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    return (np.array([cnt[a:b].sum() for a, b in spans]), np.array([hist[a:b].sum() for a, b in spans]),
+            np.stack([hist[a:b].sum(axis=0) for a, b in spans]))
+
+
+def plan_bits(plan: ClassPlan, hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int,
+              ref: tuple | None = None) -> float:
+    """Estimated bits of positions and values (extra bits left out; tables not counted) of a range with these
+    statistics coded with ``plan``'s classes and tables. Positions: by the range's own densities per class, or, with
+    ``ref`` = (hist, element counts per key) of the whole run the range is pooled into, by that run's densities (its
+    Rice parameters), i.e. the cross-entropy that a range pays for sharing them."""
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.sum() == 0:
+        return 0.0
+    if plan.cuts:
+        cnt = np.maximum(np.asarray(keys, dtype=np.float64) * key_scale, hist.sum(axis=1))
+        ne, ce, hc = _class_stats(plan.cuts, hist, cnt)
+    else:
+        ne, ce, hc = np.array([float(n)]), np.array([hist.sum()]), hist.sum(axis=0)[None, :]
+    if ref is None:
+        pos = float(np.where(ce > 0, _rice_bits(np.where(ne > 0, ce / np.maximum(ne, 1), 1.0)) * ce, 0.0).sum())
+    else:
+        rh, rc = ref
+        if plan.cuts:
+            rn, rce, _ = _class_stats(plan.cuts, rh, rc)
+        else:
+            rn, rce = np.array([rc.sum()]), np.array([rh.sum()])
+        p = np.clip(rce / np.maximum(rn, 1), 1e-12, 1 - 1e-12)
+        pos = float((-(ce * np.log2(p)) - (ne - ce) * np.log2(1 - p)).sum() * 1.01)
+    with np.errstate(divide="ignore"):
+        cost = -np.log2(np.maximum(plan.freqs[:len(ce)].astype(np.float64), 0.5) / 4096.0)
+    return pos + float((hc * cost).sum())
+
+
+def tables_bits(plan: ClassPlan) -> float:
+    """Header bits of a plan's class entries in one segment (cuts, Rice parameters, distinct tables)."""
+    bits, last = 0.0, None
+    for f in plan.freqs:
+        if not f.any():
+            bits += 8
+            continue
+        same = last is not None and np.array_equal(f, last)
+        bits += 24 + (0 if same else 8.0 * (2 + 2 * int((f > 0).sum())))
+        last = f
+    return bits
 
 
 @dataclass

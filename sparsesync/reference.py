@@ -602,10 +602,16 @@ def _check_cuts(cuts, kb: int) -> None:
         prev = c
 
 
-def scan2(old, new, mode: int):
+def positions_cap(n: int) -> int:
+    """Most changed elements whose positions scan2(positions=True) returns for a space of n elements (else None)."""
+    return n // 8 + 1024
+
+
+def scan2(old, new, mode: int, positions: bool = False):
     """Pass 1 over a whole space: (counts per fine block [uint32], hist [keys x 256] uint64 of changed elements by
     (key of the OLD value, value symbol), keys [uint64] of ALL elements in fine blocks b % 16 == 0, total changed,
-    pieces [int64]: changed elements per tensor of the space)."""
+    pieces [int64]: changed elements per tensor of the space); with positions, a sixth entry: the space indices of
+    the changed elements (ascending int64 tensor), or None when there are more than positions_cap(n)."""
     w, kb = old.w, old.kb
     if new.w != w or new.n != old.n or mode not in (0, 1, 2):
         raise KernelError(E_ARG, "bad arguments")
@@ -630,7 +636,10 @@ def scan2(old, new, mode: int):
     kcount = np.bincount(keys[sampled].numpy(), minlength=nkeys).astype(np.uint64)
     csum = np.concatenate([[0], np.cumsum(changed.numpy(), dtype=np.int64)])
     pieces = np.diff(csum[np.asarray(old.offs, dtype=np.int64)])
-    return counts.numpy().astype(np.uint32), hist, kcount, int(idx.numel()), pieces
+    out = counts.numpy().astype(np.uint32), hist, kcount, int(idx.numel()), pieces
+    if not positions:
+        return out
+    return out + (idx if idx.numel() <= positions_cap(n) else None,)
 
 
 def _pack_fields(value: torch.Tensor, length: torch.Tensor, unary: torch.Tensor) -> bytes:
@@ -669,9 +678,11 @@ def _rans_encode_classes(syms: list[int], cls: list[int], freqs, cums) -> bytes:
 
 
 def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
-            nchanged_hint: int | None = None):
+            nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
     """Pass 2 for one sparse segment of FORMAT.md 6.4 over space elements [start, end):
-    (table bytes, stream bytes, ks [K entries, None = class absent], values_hash, nchanged)."""
+    (table bytes, stream bytes, ks [K entries, None = class absent], values_hash, nchanged).
+    ``positions`` (the changed elements of the range, from scan2) lets native kernels skip the diff; the reference
+    ignores it (the result is the same)."""
     w, kb = old.w, old.kb
     cuts = [int(c) for c in cuts]
     if new.w != w or new.n != old.n or mode not in (MODE_DELTA, MODE_RAW) or not (12 <= log2c <= 30) \

@@ -506,6 +506,7 @@ def decode_sparse2(seg_bytes: bytes, table_len: int, base: bytes, w: int, kb: in
     if not isinstance(cls, list) or len(cls) != K:
         raise SpecError("cls must have K entries")
     tables = {}
+    freq = None
     for c, entry in enumerate(cls):
         if entry is None:
             continue
@@ -515,7 +516,11 @@ def decode_sparse2(seg_bytes: bytes, table_len: int, base: bytes, w: int, kb: in
         k, fb = entry
         if not 0 <= k <= log2c:
             raise SpecError("k > log2c")
-        freq = parse_freq(fb)
+        if fb == b"":                      # 6.3: the table of the nearest present class before it
+            if freq is None:
+                raise SpecError("the first present class has an empty table")
+        else:
+            freq = parse_freq(fb)
         if max(freq) > max_symbol(w, vals):
             raise SpecError("symbol above the largest of the width and mode")
         tables[c] = (k, freq)

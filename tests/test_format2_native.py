@@ -602,6 +602,150 @@ def test_simd_and_threads_identical(threads):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# positions: scan2(positions=True) collects the changed elements' indices; encode2(positions=...) codes from them
+
+def _diff_idx(old: Space, new: Space) -> torch.Tensor:
+    ov = old.flat().view(INT_OF_WIDTH[old.w])
+    nv = new.flat().view(INT_OF_WIDTH[new.w])
+    return (ov != nv).nonzero().reshape(-1)
+
+
+def _pos_slice(idx: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    lo, hi = torch.searchsorted(idx, torch.tensor([start, end])).tolist()
+    return idx[lo:hi]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "int8", "float64"])
+def test_scan2_positions(dtype_name, simd, threads):
+    rng = random.Random(31)
+    for small, n_total, density in ((True, 30000, 0.03), (False, 8_400_000 // _width(DTYPES[dtype_name]), 0.002),
+                                    (True, 20000, 0.0)):
+        old, new = _spaces(dtype_name, _sizes(n_total, rng, small), density, rng.randint(0, 10**6))
+        want = _diff_idx(old, new)
+        for mode in (0, 1):
+            plain = _native.scan2(old, new, mode)
+            got = _native.scan2(old, new, mode, positions=True)
+            assert len(plain) == 5 and len(got) == 6
+            assert all(np.array_equal(a, b) for a, b in zip(plain[:3] + plain[4:], got[:3] + got[4:5]))
+            assert plain[3] == got[3] == want.numel()
+            assert got[5] is not None and got[5].dtype == torch.int64 and torch.equal(got[5], want)
+            ref = reference.scan2(old, new, mode, positions=True)
+            assert torch.equal(ref[5], want) and ref[3] == got[3]
+
+
+def test_scan2_positions_capacity(simd, monkeypatch):
+    """More changes than the capacity: idx None (native and reference, same rule), everything else unchanged."""
+    rng = random.Random(32)
+    old, new = _spaces("bfloat16", _sizes(40000, rng, small=True), 0.3, 32)  # 30% > 1/8 + 1024/n
+    want = _diff_idx(old, new)
+    assert want.numel() > old.n // 8 + 1024
+    got = _native.scan2(old, new, 0, positions=True)
+    assert got[5] is None and got[3] == want.numel()
+    plain = _native.scan2(old, new, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain[:3] + plain[4:], got[:3] + got[4:5]))
+    assert reference.scan2(old, new, 0, positions=True)[5] is None
+    # exactly at the capacity: produced; one below: not
+    total = want.numel()
+    monkeypatch.setattr(_native, "positions_cap", lambda n: total)
+    assert torch.equal(_native.scan2(old, new, 0, positions=True)[5], want)
+    monkeypatch.setattr(_native, "positions_cap", lambda n: total - 1)
+    assert _native.scan2(old, new, 0, positions=True)[5] is None
+
+
+POS_CASES = [("bfloat16", 0.01), ("bfloat16", 0.0007), ("float16", 0.05), ("float32", 0.3), ("float64", 0.03),
+             ("float8_e4m3fn", 0.05), ("float8_e5m2", 0.1), ("int16", 0.02), ("int64", 0.02), ("uint8", 0.01)]
+
+
+@pytest.mark.parametrize("dtype_name,density", POS_CASES)
+def test_encode2_positions_identical(dtype_name, density, simd):
+    """encode2 with positions = without (and = the reference): bytes, ks, hash, count, and update_old."""
+    rng = random.Random(hash((dtype_name, density)) & 0xFFFF)
+    kb = KEY_BITS.get(dtype_name, 0)
+    for small in (True, False):
+        old, new = _spaces(dtype_name, _sizes(rng.randint(20000, 40000), rng, small), density, rng.randint(0, 10**6))
+        for mode in (0, 1):
+            sc = _native.scan2(old, new, mode, positions=True)
+            idx = _diff_idx(old, new)
+            assert (sc[5] is None) == (idx.numel() > old.n // 8 + 1024)
+            assert sc[5] is None or torch.equal(sc[5], idx)
+            for K in ([1, 2, 8, 32] if kb else [1]):
+                cuts = _cuts_for(kb, rng, K)
+                freqs = _class_freqs(sc[1], cuts)
+                for start, end in ((0, old.n), (rng.randint(1, 5000), old.n - rng.randint(1, 3000)),
+                                   (rng.randint(0, old.n // 2), None)):
+                    if end is None:  # a short sub-range
+                        end = min(old.n, start + rng.randint(1, 9000))
+                    log2c = rng.choice([12, 12, 13, 20])
+                    pos = _pos_slice(idx, start, end)
+                    want = _native.encode2(old, new, mode, start, end, log2c, cuts, freqs)
+                    got = _native.encode2(old, new, mode, start, end, log2c, cuts, freqs, positions=pos)
+                    assert got == want
+                    if K in (1, 8) and want[4] < 3000:
+                        assert reference.encode2(old, new, mode, start, end, log2c, cuts, freqs, positions=pos) == want
+    # update_old through positions writes exactly what the plain path writes
+    old2 = Space(old.dtype, old.names, [t.clone() for t in old.tensors])
+    cuts = _cuts_for(kb, rng, 5)
+    freqs = _class_freqs(_native.scan2(old, new, 0)[1], cuts)
+    start, end = 17, old.n - 5
+    pos = _pos_slice(idx, start, end)
+    a = _native.encode2(old, new, 0, start, end, 12, cuts, freqs, update_old=True)
+    b = _native.encode2(old2, new, 0, start, end, 12, cuts, freqs, update_old=True, positions=pos)
+    assert a == b and torch.equal(old.flat(), old2.flat())
+    assert torch.equal(_diff_idx(old, new), torch.cat([idx[idx < start], idx[idx >= end]]))
+
+
+def test_encode2_positions_threads(threads, simd):
+    """Large enough for several workers and many chunks (some without changes)."""
+    rng = random.Random(41)
+    old, new = _spaces("bfloat16", _sizes(3_000_000, rng, small=False), 0.004, 41)
+    sc = _native.scan2(old, new, 0, positions=True)
+    for cuts in ([], [100, 118, 121, 123, 124, 125, 126]):
+        freqs = _class_freqs(sc[1], cuts)
+        for start, end in ((0, old.n), (12345, old.n - 999)):
+            pos = _pos_slice(sc[5], start, end)
+            want = _native.encode2(old, new, 0, start, end, 12, cuts, freqs)
+            assert _native.encode2(old, new, 0, start, end, 12, cuts, freqs, positions=pos) == want
+
+
+@pytest.mark.parametrize("cuts", [[], [120, 126]])
+def test_encode2_bad_positions(cuts, simd):
+    rng = random.Random(51)
+    old, new = _spaces("bfloat16", _sizes(30000, rng, small=True), 0.02, 51)
+    sc = _native.scan2(old, new, 0, positions=True)
+    freqs = _class_freqs(sc[1], cuts)
+    start, end = 100, old.n - 100
+    pos = _pos_slice(sc[5], start, end)
+    assert pos.numel() > 10
+    before = old.flat().clone()
+    unchanged = next(i for i in range(start, end) if i not in set(pos.tolist()))
+
+    def enc(p):
+        return _native.encode2(old, new, 0, start, end, 12, cuts, freqs, update_old=True, positions=p)
+
+    swapped = pos.clone()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    dup = torch.cat([pos[:5], pos[4:]])
+    cases = [(swapped, -1), (dup, -1), (torch.cat([torch.tensor([start - 1]), pos]), -1),
+             (torch.cat([pos, torch.tensor([end])]), -1), (torch.cat([pos, torch.tensor([old.n + 7])]), -1),
+             (torch.cat([torch.tensor([-1]), pos]), -1), (pos.flip(0), -1),
+             (torch.sort(torch.cat([pos, torch.tensor([unchanged])])).values, -6)]
+    for p, code in cases:
+        with pytest.raises(KernelError) as ei:
+            enc(p)
+        assert ei.value.code == code, (p[:8], code)
+        assert torch.equal(old.flat(), before)  # nothing written on failure
+    with pytest.raises(KernelError):
+        enc(pos.to(torch.int32))
+    # an empty list: a range without changes (nothing coded, nothing written)
+    table, data, ks, vh, nch = enc(torch.zeros(0, dtype=torch.int64))
+    assert nch == 0 and all(k is None for k in ks) and torch.equal(old.flat(), before)
+    # not contiguous: the wrapper makes a contiguous copy
+    wide = torch.stack([pos, pos], 1)[:, 0]
+    assert not wide.is_contiguous()
+    assert enc(wide)[4] == pos.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # apply kernels
 
 def _space_of(tensors, dtype_name="bfloat16"):
