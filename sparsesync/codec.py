@@ -302,11 +302,13 @@ class Encoder:
             if base_version is None:
                 base_version = 0
             self._check_version(base_version)
-            snapshot = {name: t.clone() for name, t in _collect(base, "base")}
+            items = _collect(base, "base")
+            snapshot = {name: t.clone() for name, t in items}
             self.snapshot = snapshot
             self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in snapshot.items()]
             self.version = base_version
             self._set_snapshot(snapshot)
+            self._remember(base, items)      # the first encode of a state like the base takes the fast path
         elif base_version is not None:
             raise InvalidArgument(f"base_version={_short(base_version)} given without base")
 

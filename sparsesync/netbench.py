@@ -179,22 +179,22 @@ def _blob_encode(method: str, base: dict, new: dict) -> list[bytes]:
     import zstandard
     out = []
     for name, t in new.items():
-        raw = t.view(torch.int16).numpy()
+        raw = t.reshape(-1).view(torch.int16).numpy()
         if method == "dense":
             out.append(raw.tobytes())
         elif method == "dense+zstd":
             out.append(zstandard.ZstdCompressor(level=1, threads=-1).compress(raw.tobytes()))
         elif method == "int32+raw":
-            o = base[name].view(torch.int16)
-            idx = (t.view(torch.int16) != o).nonzero().reshape(-1)
-            out.append(idx.to(torch.int32).numpy().tobytes() + t.view(torch.int16)[idx].numpy().tobytes())
+            o, nv = base[name].reshape(-1).view(torch.int16), t.reshape(-1).view(torch.int16)
+            idx = (nv != o).nonzero().reshape(-1)
+            out.append(idx.to(torch.int32).numpy().tobytes() + nv[idx].numpy().tobytes())
     return out
 
 
 def _blob_apply(method: str, blobs: list, state: dict) -> None:
     import zstandard
     for (name, t), blob in zip(state.items(), blobs):
-        dst = t.view(torch.int16).numpy()
+        dst = t.reshape(-1).view(torch.int16).numpy()
         if method == "dense":
             dst[:] = np.frombuffer(blob, dtype=np.int16)
         elif method == "dense+zstd":

@@ -78,13 +78,15 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
     chg = hist.sum(axis=1)
     cnt = np.maximum(np.asarray(keys, dtype=np.float64) * key_scale, chg)
     occ = np.flatnonzero(cnt > 0)
+    used = np.flatnonzero(sym)          # the symbols that occur (the planning below works on them only)
+    hist_u = hist[:, used]
     if occ.size <= 1:
         return o0 if context is None else ClassPlan([], o0.freqs, o0.bits_per_change, False)
     # position classes. Units: [first key, n elements, changes, symbol histogram]
     first = occ.copy()
     un = cnt[occ].copy()
     uc = chg[occ].copy()
-    uh = hist[occ].copy()
+    uh = hist_u[occ].copy()
     nseg = max(1.0, nchunks / 64)
 
     def cost(n_, c_, h_):
@@ -92,7 +94,7 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
         besides: its final gap in every chunk, its Rice parameter and cut in every segment, and part of a value
         table (neighbours may share one; decided below)."""
         present = c_ > 0
-        pos = np.where(present, _rice_bits(np.where(n_ > 0, c_ / np.maximum(n_, 1), 1.0)) * c_, 0.0)
+        pos = np.where(present, _rice_bits_lut(np.where(n_ > 0, c_ / np.maximum(n_, 1), 1.0)) * c_, 0.0)
         finals = np.where(present, nchunks * (2.0 + np.log2(np.maximum(n_ / np.maximum(c_, 1), 1.0))), 0.0)
         table = np.where(present, TABLE_SHARE * 8.0 * (2 + 2 * (h_ > 0).sum(axis=1)) * nseg, 0.0)
         return pos + finals + np.where(present, 24.0 * nseg, 8.0 * nseg) + _entropy_rows(h_) + table
@@ -136,7 +138,9 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
     cuts = [int(k) for k in first[1:]]
     freqs = np.zeros((first.size, 256), dtype=np.uint32)
     for g, h in zip(groups, gh):
-        f = build_freq(h)
+        full = np.zeros(256, dtype=np.float64)
+        full[used] = h
+        f = build_freq(full)
         for i in g:
             freqs[i] = f
     return ClassPlan(cuts, freqs, ctx_bits / max(total, 1), True)
