@@ -124,6 +124,7 @@ class _TensorPlan:
     old_space: Space | None = None
     packed: tuple | None = None          # the classes' packed tables (made once per region)
     positions: torch.Tensor | None = None  # the run's changed space indices, from the scan (None: too many)
+    run: tuple | None = None             # (first tensor of the run in its space, changes per tensor of the run)
 
 
 @dataclass
@@ -648,12 +649,12 @@ class Encoder:
                     for r in plan_regions(counts, run_new.n, sp.w, cp.bits_per_change):
                         if r.kind == "d":
                             yield _TensorPlan(dn, None, sp.w, "d", origin=o0 + r.start, length=r.end - r.start,
-                                              space=sp, old_space=old)
+                                              space=sp, old_space=old, run=(i0, pieces))
                         else:
                             yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
                                               cp.bits_per_change / 8, origin=o0 + r.start, length=r.end - r.start,
                                               cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old,
-                                              positions=pos)
+                                              positions=pos, run=(i0, pieces))
                 seen = [r[8] for r in runs]
                 self._changes[dn] = np.concatenate(seen) if seen else None
         ldig = self._layout_digest()
@@ -667,6 +668,18 @@ class Encoder:
         if not stream:
             update.finish()
         return update
+
+    @staticmethod
+    def _changed_names(tp: _TensorPlan, start: int, end: int) -> list[str]:
+        """Names of the tensors with changes among those holding space elements [start, end) (a dense range may
+        also cover unchanged small tensors; a full update changes every tensor)."""
+        space = tp.space
+        a = int(np.searchsorted(space.offs, start, side="right")) - 1
+        b = int(np.searchsorted(space.offs, end, side="left"))
+        if tp.run is None:
+            return space.names[a:b]
+        i0, pieces = tp.run
+        return [space.names[i] for i in range(a, b) if pieces[i - i0] > 0]
 
     def _runs(self, dn: str, ntensors: int) -> list[tuple[int, int]]:
         """Format 2: the runs of a space's tensors that are planned on their own statistics (classes, chunk sizes).
@@ -777,7 +790,7 @@ class Encoder:
                 if sp.tp.space is not None:
                     seg, data = self._encode_segment2(sp, update.base_version is None)
                     if seg.kind == "d":
-                        dense_names.update(sp.tp.space.names_in(sp.start, sp.end))
+                        dense_names.update(self._changed_names(sp.tp, sp.start, sp.end))
                 else:
                     seg, data = self._encode_segment(sp)
                     if seg.kind == "d":

@@ -141,6 +141,19 @@ def test_many_much_changed_tensors_keep_the_run_count_bounded():
     assert nseg <= 2 * 64 + 1 + 8, nseg
 
 
+def test_dense_range_over_an_unchanged_tensor_counts_only_changed_tensors():
+    """Regression (found by hypothesis): two 0-dim tensors share one dense range; only the changed one is counted
+    in UpdateStats.dense_tensors, and the unchanged one is not named as written."""
+    old = {"w#0": torch.tensor(0.5, dtype=torch.bfloat16), "w#1": torch.tensor(0.25, dtype=torch.bfloat16)}
+    new = {"w#0": old["w#0"].clone(), "w#1": torch.tensor(-3.0, dtype=torch.bfloat16)}
+    upd = Encoder(old, 0).encode(new, 1)
+    assert upd.stats.tensors_changed == 1 and upd.stats.dense_tensors == 1
+    dst = clone_state(old)
+    st = Decoder(dst, 0).apply(upd)
+    assert_state_equal(dst, new)
+    assert set(st.tensors) <= {"w#0", "w#1"} and "w#1" in st.tensors
+
+
 def test_format1_still_written_and_read():
     g = gen(3)
     old = mixed_state(g, 40)
