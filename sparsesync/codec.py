@@ -27,7 +27,7 @@ from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType,
 from .format import (FORMATS, VALUE_MODES, Header, Segment, Segment2, build_freq, entropy_bits, header_hash,
                      pack_bucket, pack_freq, parse_bucket, rice_bits, unpack_freq, update_uid)
 from .plan2 import plan_bits, plan_classes, plan_regions, tables_bits
-from .space import Space, spaces_of
+from .space import Space, gc_paused, spaces_of
 from .kernels import impl
 from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
 
@@ -529,6 +529,11 @@ class Encoder:
         fc = self._fast
         if fc is None or not isinstance(state, dict):
             return None
+        with gc_paused():
+            return self._fast_spaces_of(state, fc)
+
+    @staticmethod
+    def _fast_spaces_of(state: dict, fc: dict) -> dict[str, Space] | None:
         try:
             if list(state) != fc["names"]:
                 return None

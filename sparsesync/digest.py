@@ -13,6 +13,7 @@ import torch
 from .dtypes import BY_NAME, SUPPORTED, byte_view, check_tensor, name_of
 from .errors import InvalidArgument, InvalidType
 from .kernels import impl
+from .space import gc_paused
 
 
 def _items(state) -> list[tuple[str, torch.Tensor]]:
@@ -116,7 +117,8 @@ def state_digest(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.T
     Every tensor's leaves are hashed in one parallel native pass; the per-tensor records of a layout are built once
     and cached (a few layouts), so a state of tens of thousands of tensors costs little more than its bytes."""
     if isinstance(state, dict):
-        fast = _fast_digest(state)
+        with gc_paused():
+            fast = _fast_digest(state)
         if fast is not None:
             return fast
     items = _items(state)

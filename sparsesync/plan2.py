@@ -14,7 +14,7 @@ from .reference import extra_bits_for, max_symbol
 from .space import MAX_CLASSES
 
 FINE = 4096                   # scan block (elements)
-CHUNK_TARGET = 1024           # about this many changes per chunk (parallel decode granularity)
+CHUNK_TARGET = 4096           # about this many changes per chunk (parallel decode granularity)
 MIN_LOG2C, MAX_LOG2C = 12, 30
 SPLIT_ZERO_BLOCKS = 256       # a sparse run is cut where this many fine blocks in a row have no change
 DENSE_MARGIN = 256            # a run goes dense only if that saves more than this many bytes
