@@ -264,25 +264,7 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
                        : decode_w<2>(w, seg, old_bits, n, log2c, &tab, chunks, nchanged, idx_out, val_out, nthreads);
   if (rc) return rc;
   if (mode == 2) return SS_OK;  // differences only: the values hash is checked after ss_add_scatter
-  uint64_t h;
-  try {
-    h = tree64(val_out, (uint64_t)nchanged * (uint64_t)w, nthreads);
-  } catch (...) {
-    h = tree64_serial(val_out, (uint64_t)nchanged * (uint64_t)w);
-  }
-  return h == expected_hash ? SS_OK : SS_EHASH;
-}
-
-// every idx[i] < n, checked in parallel before a kernel writes anything
-bool indices_in_range(const int64_t* idx, int64_t count, int64_t n, int64_t ntasks, int64_t per_task, int nt) {
-  std::atomic<bool> bad(false);
-  parallel_for(ntasks, nt, [&](int64_t t, int) {
-    int64_t b = t * per_task, e = std::min(count, b + per_task);
-    bool ok = true;
-    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
-    if (!ok) bad.store(true, std::memory_order_relaxed);
-  });
-  return !bad.load();
+  return check_values_hash(val_out, (uint64_t)nchanged * (uint64_t)w, expected_hash, nthreads);
 }
 
 template <int W>

@@ -946,28 +946,10 @@ int decode_entry(const uint8_t* seg, int64_t seg_len, int64_t table_len, const u
                              : decode_w<2>(w, D, chunks, nchanged, nthreads);
   if (rc) return rc;
   if (mode == 2) return SS_OK;  // differences only: the caller checks the hash after ss2_add_scatter
-  uint64_t h;
-  try {
-    h = tree64(val_out, (uint64_t)nchanged * (uint64_t)w, nthreads);
-  } catch (...) {
-    h = tree64_serial(val_out, (uint64_t)nchanged * (uint64_t)w);
-  }
-  return h == expected_hash ? SS_OK : SS_EHASH;
+  return check_values_hash(val_out, (uint64_t)nchanged * (uint64_t)w, expected_hash, nthreads);
 }
 
 // ---------------------------------------------------------------- scatter / add_scatter / take
-// every idx[i] in [0, n), checked in parallel before a kernel writes anything
-bool indices_ok(const int64_t* idx, int64_t count, int64_t n, int64_t ntasks, int64_t per_task, int nt) {
-  std::atomic<bool> bad(false);
-  parallel_for(ntasks, nt, [&](int64_t t, int) {
-    const int64_t b = t * per_task, e = std::min(count, b + per_task);
-    bool ok = true;
-    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
-    if (!ok) bad.store(true, std::memory_order_relaxed);
-  });
-  return !bad.load();
-}
-
 SS_INLINE void mark(uint8_t* touched, int64_t t) {
   if (touched) __atomic_store_n(&touched[t], (uint8_t)1, __ATOMIC_RELAXED);
 }
@@ -981,7 +963,7 @@ int indexed_impl(const uint64_t* ptrs, const int64_t* offs, int64_t np, const in
   const int64_t per_task = 1 << 16;
   const int64_t ntasks = (count + per_task - 1) / per_task;
   const int nt = plan_threads(nthreads, ntasks, count, 1 << 17);
-  if (!indices_ok(idx, count, n, ntasks, per_task, nt)) return SS_EPOS;
+  if (!indices_in_range(idx, count, n, ntasks, per_task, nt)) return SS_EPOS;
   parallel_for(ntasks, nt, [&](int64_t task, int) {
     const int64_t b = task * per_task, e = std::min(count, b + per_task);
     int64_t t = locate(offs, np, idx[b]), ta = t;

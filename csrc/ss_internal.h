@@ -231,6 +231,29 @@ uint64_t tree64_top(const uint8_t* leaves, uint64_t nleaves, uint64_t len);
 void hash_full_leaves(const uint8_t* const* src, const uint64_t* seeds, int count, uint64_t* out);
 int simd(int max_level);
 
+// SS_OK when tree64 of the decoded values (FORMAT.md: values_hash) is `expected`, else SS_EHASH.
+inline int check_values_hash(const uint8_t* vals, uint64_t nbytes, uint64_t expected, int nthreads) {
+  uint64_t h;
+  try {
+    h = tree64(vals, nbytes, nthreads);
+  } catch (...) {  // no threads to be had: hash on this one
+    h = tree64_serial(vals, nbytes);
+  }
+  return h == expected ? SS_OK : SS_EHASH;
+}
+
+// every idx[i] in [0, n), checked in parallel (tasks of per_task indices) before a kernel writes anything
+inline bool indices_in_range(const int64_t* idx, int64_t count, int64_t n, int64_t ntasks, int64_t per_task, int nt) {
+  std::atomic<bool> bad(false);
+  parallel_for(ntasks, nt, [&](int64_t t, int) {
+    const int64_t b = t * per_task, e = std::min(count, b + per_task);
+    bool ok = true;
+    for (int64_t i = b; i < e; ++i) ok &= (uint64_t)idx[i] < (uint64_t)n;
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  return !bad.load();
+}
+
 }  // namespace ss
 
 #endif  // SS_INTERNAL_H_

@@ -510,12 +510,16 @@ class Encoder:
                 if tp is not None:
                     stats.tensors_changed += 1
                     yield tp
+        return self._start(plans(), full, version, stats, t0, stream)
+
+    def _start(self, plans, full: bool, version: int, stats: UpdateStats, t0: float, stream: bool) -> Update:
+        """The Update of either format, its buckets made from ``plans`` (consumed lazily) as they are asked for."""
         ldig = self._layout_digest()
         base = None if full else self.version
         uid = update_uid(ldig, base, version, self.values)
         stats.encode_seconds = time.perf_counter() - t0
         update = Update(base, version, uid, self.values, None, stats, None)
-        update._gen = self._generate(update, self._pack(plans()), ldig)
+        update._gen = self._generate(update, self._pack(plans), ldig)
         self.version = version
         self._pending = update
         if not stream:
@@ -662,17 +666,7 @@ class Encoder:
                                               positions=pos, run=(i0, pieces))
                 seen = [r[8] for r in runs]
                 self._changes[dn] = np.concatenate(seen) if seen else None
-        ldig = self._layout_digest()
-        base = None if full else self.version
-        uid = update_uid(ldig, base, version, self.values)
-        stats.encode_seconds = time.perf_counter() - t0
-        update = Update(base, version, uid, self.values, None, stats, None)
-        update._gen = self._generate(update, self._pack(plans()), ldig)
-        self.version = version
-        self._pending = update
-        if not stream:
-            update.finish()
-        return update
+        return self._start(plans(), full, version, stats, t0, stream)
 
     @staticmethod
     def _changed_names(tp: _TensorPlan, start: int, end: int) -> list[str]:

@@ -360,6 +360,14 @@ class _BitReader:
         return q
 
 
+def _check_table_end(pos: int, table_len: int, data_pos: int, seg_len: int) -> None:
+    """FORMAT.md 4.4: the chunk table is read exactly and its streams exactly fill the segment."""
+    if pos != table_len:
+        raise KernelError(E_TABLE, "table has trailing bytes")
+    if data_pos != seg_len:
+        raise KernelError(E_TABLE, "streams do not fill the segment")
+
+
 def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int, chunk_begin: int, chunk_end: int,
            freq, nchanged: int, expected_hash: int, idx_out: torch.Tensor | None = None,
            val_out: torch.Tensor | None = None):
@@ -410,10 +418,7 @@ def decode(seg, table_len: int, old: torch.Tensor, w: int, mode: int, log2c: int
         if data_pos > len(buf):
             raise KernelError(E_TABLE, "streams run past the segment")
         total += cnt
-    if pos != table_len:
-        raise KernelError(E_TABLE, "table has trailing bytes")
-    if data_pos != len(buf):
-        raise KernelError(E_TABLE, "streams do not fill the segment")
+    _check_table_end(pos, table_len, data_pos, len(buf))
     if total != nchanged:
         raise KernelError(E_COUNT, "chunk counts do not add up to nchanged")
     if idx_out is None:
@@ -880,10 +885,7 @@ def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: in
         if data_pos > len(buf):
             raise KernelError(E_TABLE, "streams run past the segment")
         total += cnt
-    if pos != table_len:
-        raise KernelError(E_TABLE, "table has trailing bytes")
-    if data_pos != len(buf):
-        raise KernelError(E_TABLE, "streams do not fill the segment")
+    _check_table_end(pos, table_len, data_pos, len(buf))
     if nchanged < 1 or total != nchanged:
         raise KernelError(E_COUNT, "chunk counts do not add up to nchanged (or nchanged < 1)")
     need_old = bool(cuts) or vmode == MODE_DELTA and not deferred
