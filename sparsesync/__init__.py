@@ -11,12 +11,12 @@ from .codec import ApplyStats, Decoder, Encoder, Update, UpdateStats
 from .digest import state_digest
 from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType, LayoutMismatch, PushFailed,
                      RollbackRefused, SparseSyncError, VersionConflict, VersionMismatch)
-from .session import PeerResult, PushStats, Receiver, Sender
+from .session import PeerResult, PushStats, Receiver, Sender, probe
 from . import trainer
 
 __version__ = "0.1.0"
 
 __all__ = ["Encoder", "Decoder", "Update", "UpdateStats", "ApplyStats", "state_digest",
-           "Sender", "Receiver", "PushStats", "PeerResult", "trainer",
+           "Sender", "Receiver", "probe", "PushStats", "PeerResult", "trainer",
            "SparseSyncError", "InvalidArgument", "InvalidType", "CorruptPayload", "VersionMismatch", "BaseMismatch",
            "RollbackRefused", "VersionConflict", "LayoutMismatch", "PushFailed", "__version__"]

@@ -18,9 +18,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from . import backends, wire
-from .codec import ApplyStats, Decoder, Encoder, StateLike, Update, full_update
+from .codec import ApplyStats, Decoder, Encoder, StateLike, Update, _as_items, full_update
 from .digest import layout_digest, state_digest
+from .dtypes import BY_NAME, name_of
 from .format import FORMATS, peek_version
 from .progress import Progress
 from .errors import (CorruptPayload, InvalidArgument, LayoutMismatch, PushFailed, SparseSyncError, VersionConflict,
@@ -59,6 +62,12 @@ class Receiver:
     Several senders may stream updates at once; a stalled or slow one never blocks another (each update is staged
     on its own, and only the commit is serialised).
     ``idle_timeout``: a connected sender that sends nothing between updates for this long is disconnected.
+    ``adopt_layout``: ``state`` may be an empty dict; the first authenticated sender then gives it its layout (the
+    receiver allocates zero-filled CPU tensors of that layout into ``state``, in place) and, since the zeros do not
+    match the sender's state, sends a full update. For receivers that start with nothing (a rollout engine started
+    with dummy weights, a new relay); the layout is adopted once and never changed afterwards.
+    ``status``: a function returning a small dict of plain values (str, int, float, bool, None, lists, dicts), sent in
+    every handshake; :func:`probe` reads it remotely (engines report what they applied through it).
     """
 
     MAX_STREAMS = 16
@@ -71,8 +80,16 @@ class Receiver:
                  max_bucket: int = wire.DEFAULT_MAX_BUCKET, handshake_timeout: float = 10.0,
                  idle_timeout: float = 300.0, stall_timeout: float = 30.0, max_handshakes: int = 64,
                  allow_rollback: bool = False, nccl_device: int | None = None, allow_unauthenticated: bool = False,
-                 on_commit: Callable[[int, ApplyStats], None] | None = None):
+                 on_commit: Callable[[int, ApplyStats], None] | None = None, adopt_layout: bool = False,
+                 status: Callable[[], dict] | None = None):
         self.token = wire.token_bytes(token)
+        if adopt_layout and not isinstance(state, dict):
+            raise InvalidArgument(f"adopt_layout=True needs a dict state (the receiver fills it in place), got "
+                                  f"{type(state).__name__}")
+        if status is not None and not callable(status):
+            raise InvalidArgument(f"status must be a function returning a dict, got {type(status).__name__}")
+        self._adopt_into = state if adopt_layout else None
+        self._status = status
         self.nccl_device = nccl_device          # CUDA device for NCCL payloads (senders with backend="nccl")
         if self.token is None and not allow_unauthenticated:
             raise InvalidArgument("Receiver needs a token (or allow_unauthenticated=True for trusted loopback tests)")
@@ -193,9 +210,42 @@ class Receiver:
         return self._digest_cache[2]
 
     def _info(self) -> dict:
+        status = None
+        if self._status is not None:            # outside the lock: the callback may read the receiver
+            try:
+                status = self._status()
+                wire.pack(status)
+            except Exception as exc:            # noqa: BLE001 - a broken status callback must not break handshakes
+                status = {"error": f"status callback failed: {type(exc).__name__}: {exc}"}
         with self._lock:
-            return {"version": self.decoder.version, "digest": self._digest_locked(),
+            info = {"version": self.decoder.version, "digest": self._digest_locked(),
                     "layout": self.decoder.layout_digest, "formats": list(FORMATS)}
+            if self._adopt_into is not None and not self.decoder.state:
+                info["adopt"] = True
+        if self._status is not None:
+            info["status"] = status
+        return info
+
+    def _adopt(self, ch: wire.Channel, data) -> None:
+        """LAYOUT_SET from an authenticated sender: allocate the layout into the (empty) state, once."""
+        layout = wire.unpack_layout(data)
+        with self._lock:
+            if self._adopt_into is None or self.decoder.state:
+                raise wire.ProtocolError(f"{ch.peer}: LAYOUT_SET, but this receiver does not adopt a layout "
+                                         "(it has one)")
+            tensors = {}
+            for name, dt, shape in layout:
+                dtype = BY_NAME.get(dt)
+                if dtype is None or any(x < 0 for x in shape) or name in tensors:
+                    raise wire.ProtocolError(f"{ch.peer}: LAYOUT_SET entry {name!r} {dt} {list(shape)} is invalid")
+                tensors[name] = torch.zeros(shape, dtype=dtype)
+            decoder = Decoder(tensors, self.decoder.version, verify_digest=self.decoder.verify_digest)
+            self._adopt_into.update(tensors)
+            self.decoder = decoder
+            self._generation += 1
+            self._digest_cache = None
+        log.info("receiver %s: adopted the layout of %s (%d tensors)", self.address, ch.peer, len(tensors))
+        ch.send_msg(wire.WELCOME, self._info())
 
     def _accept_loop(self) -> None:
         while self._running:
@@ -263,9 +313,14 @@ class Receiver:
             group = stager = None
             try:
                 while self._running:
-                    ftype, data = ch.recv((wire.UPDATE, wire.BYE, wire.NCCL_INIT, wire.LAYOUT_REQ), wire.MAX_CONTROL)
+                    ftype, data = ch.recv((wire.UPDATE, wire.BYE, wire.NCCL_INIT, wire.LAYOUT_REQ, wire.LAYOUT_SET),
+                                          wire.MAX_LAYOUT if self._adopt_into is not None and not self.decoder.state
+                                          else wire.MAX_CONTROL)
                     if ftype == wire.BYE:
                         break
+                    if ftype == wire.LAYOUT_SET:
+                        self._adopt(ch, data)
+                        continue
                     if ftype == wire.LAYOUT_REQ:
                         ch.send(wire.LAYOUT, wire.pack_layout(self.decoder.layout))
                         continue
@@ -598,6 +653,7 @@ class _Peer:
         self.verified = False           # digest checked against the sender's state at that version
         self.layout: bytes | None = None  # the receiver's layout digest (WELCOME)
         self.format = 1                   # the newest wire format both sides read (WELCOME's "formats")
+        self.adopt = False                # the receiver is empty and takes the sender's layout (LAYOUT_SET)
         self.last_error: str | None = None
 
     def drop(self) -> None:
@@ -714,6 +770,8 @@ class Sender:
                                       f"as a new version (> {version}); nothing was sent")
             repush = True
         self.connect(t0 + self.timeout)
+        if self.encoder.layout is None:
+            state = self._adopt_pending(state, t0 + self.timeout)
         if repush:
             last = self.retain[-1] if self.retain and self.retain[-1][1] == version else None
             feed = _Feed(None, last[2] if last else [])
@@ -853,13 +911,15 @@ class Sender:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise wire.ProtocolError(f"{p.url}: WELCOME without a version")
             if self.encoder.layout is not None and info.get("layout") != self._layout_digest():
-                raise LayoutMismatch(f"{p.url}: " + self._layout_difference(ch, budget()))
+                if not info.get("adopt"):
+                    raise LayoutMismatch(f"{p.url}: " + self._layout_difference(ch, budget()))
+                info = self._give_layout(p, ch, self.encoder.layout, budget())
         except BaseException:
             for c in [ch] + extra:
                 c.close()
             raise
         p.ch, p.extra, p.version, p.digest, p.verified = ch, extra, v, info.get("digest"), False
-        p.layout, p.last_error = info.get("layout"), None
+        p.layout, p.last_error, p.adopt = info.get("layout"), None, bool(info.get("adopt"))
         formats = info.get("formats")
         common = [f for f in formats if type(f) is int and f in FORMATS] if isinstance(formats, list) else []
         p.format = max(common, default=1)   # receivers older than format 2 send no "formats": they read format 1
@@ -869,6 +929,41 @@ class Sender:
         if self._ldig is None or self._ldig[0] is not layout:
             self._ldig = (layout, layout_digest(layout))
         return self._ldig[1]
+
+    def _give_layout(self, p: _Peer, ch: wire.Channel, layout, timeout: float) -> dict:
+        """An empty receiver made with ``adopt_layout=True`` takes this sender's layout; returns its new state info
+        (its zero-filled tensors do not match the sender's state, so it gets a full update)."""
+        ch.settimeout(timeout)
+        ch.send(wire.LAYOUT_SET, wire.pack_layout(layout))
+        _, info = ch.recv_msg((wire.WELCOME,))
+        if info.get("layout") != layout_digest(layout):
+            raise LayoutMismatch(f"{p.url}: the receiver did not adopt the sender's layout")
+        log.info("peer %s adopted the sender's layout (%d tensors)", p.url, len(layout))
+        return info
+
+    def _adopt_pending(self, state, deadline: float):
+        """Before the first push of a Sender without a base: give empty receivers the layout of ``state``. Returns
+        the state to encode (an iterable of pairs is materialised once, to be read twice)."""
+        todo = [p for p in self.peers if p.ch is not None and p.adopt]
+        if not todo:
+            return state
+        items = list(_as_items(state))
+        try:
+            layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]
+        except (AttributeError, InvalidArgument, TypeError):
+            return items                         # not tensors: the encoder names the problem
+        for p in todo:
+            try:
+                info = self._give_layout(p, p.ch, layout, max(0.001, min(self.connect_timeout,
+                                                                         deadline - time.perf_counter())))
+            except (OSError, SparseSyncError) as exc:
+                p.last_error = f"giving it the layout failed: {exc}"
+                log.warning("peer %s: %s", p.url, p.last_error)
+                p.drop()
+                continue
+            p.version, p.digest, p.layout, p.verified, p.adopt = (info.get("version"), info.get("digest"),
+                                                                   info.get("layout"), False, False)
+        return items
 
     def _layout_difference(self, ch: wire.Channel, timeout: float) -> str:
         """Ask the receiver for its layout and name the first tensor that differs."""
@@ -1225,6 +1320,40 @@ class Sender:
                 if time.perf_counter() + wait >= deadline:
                     return
                 time.sleep(wait)
+
+
+def probe(address: str, *, token: str | bytes | None = None, ssl_context: _ssl.SSLContext | None = None,
+          timeout: float = 10.0, allow_unauthenticated: bool = False) -> dict:
+    """Ask a :class:`Receiver` what it holds, without sending anything: connects, authenticates (both ways), reads
+    its handshake reply and says goodbye. Returns ``{"address", "version", "digest", "layout" (hex), "formats",
+    "adopt", "status"}``; ``status`` is what the receiver's ``status`` function returned (None without one).
+    Raises ``OSError`` / :class:`~sparsesync.errors.SparseSyncError` subclasses naming the address on failure."""
+    _positive("timeout", timeout)
+    tok = wire.token_bytes(token)
+    if tok is None and not allow_unauthenticated:
+        raise InvalidArgument("probe needs a token (or allow_unauthenticated=True for trusted loopback tests)")
+    scheme, host, port = wire.parse_url(address)
+    sock = backends.get(scheme).connect(host, port, timeout)
+    try:
+        if ssl_context is not None:
+            sock.settimeout(timeout)
+            sock = ssl_context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    ch = wire.Channel(sock, peer=address)
+    try:
+        info = wire.client_handshake(ch, tok, timeout)
+        try:
+            ch.send(wire.BYE)
+        except SparseSyncError:
+            pass
+    finally:
+        ch.close()
+    layout = info.get("layout")
+    return {"address": address, "version": info.get("version"), "digest": info.get("digest"),
+            "layout": layout.hex() if isinstance(layout, bytes) else None, "formats": info.get("formats", [1]),
+            "adopt": bool(info.get("adopt")), "status": info.get("status")}
 
 
 class _Refused(SparseSyncError):

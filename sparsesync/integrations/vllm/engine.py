@@ -53,9 +53,9 @@ except ImportError:     # a vLLM without the weight-transfer registry: the worke
     from .worker import _Info as WeightTransferInitInfo
     from .worker import _Info as WeightTransferUpdateInfo
 
-from ... import state_digest
 from ...errors import InvalidArgument
 from ...session import Receiver
+from ..staging import StagedMirror
 from . import WeightUpdateError
 from .checkpoint import load_mirror, model_directory, read_layout
 from .groups import expand, group_key
@@ -129,22 +129,38 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
 
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
-        self.receiver: Receiver | None = None
-        self.mirror: dict[str, torch.Tensor] = {}
+        self.staged: StagedMirror | None = None  # mirror + receiver + what changed since the last apply (shared core)
         self.names: list[str] = []
         self.layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self.version: int | None = None          # the version the runtime model holds
-        self.digest: str | None = None           # state_digest of the mirror at self.version (checkpoint coordinates)
         self.last_update: dict = {}
-        self.broken: str | None = None           # set when an apply failed and recovery failed too
-        self._dirty: set[str] = set()            # mirror tensors committed since the last apply (receiver's lock)
-        self._commits: dict[int, bool] = {}      # version -> the update carried the digest and it matched
-        self._require_digest = False
+        self._running = False
         self._apply_lock = threading.Lock()
+
+    @property
+    def receiver(self) -> Receiver | None:
+        return self.staged.receiver if self.staged is not None and self._running else None
+
+    @property
+    def mirror(self) -> dict[str, torch.Tensor]:
+        return self.staged.mirror if self.staged is not None else {}
+
+    @property
+    def version(self) -> int | None:
+        """The version the runtime model holds."""
+        return self.staged.version if self.staged is not None else None
+
+    @property
+    def digest(self) -> str | None:
+        """state_digest of the engine's weights in checkpoint coordinates (of the mirror at ``version``)."""
+        return self.staged.digest if self.staged is not None else None
+
+    @property
+    def broken(self) -> str | None:
+        return self.staged.broken if self.staged is not None else None
 
     # -- vLLM API ---------------------------------------------------------------------------------------------------
     def init_transfer_engine(self, init_info: SparseSyncInitInfo) -> None:
-        if self.receiver is not None:
+        if self._running:
             raise RuntimeError("sparsesync: init_weight_transfer_engine was already called on this worker "
                                f"(receiver at {self.receiver.address}); call shutdown_weight_transfer_engine first")
         token = init_info.token
@@ -157,9 +173,10 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
         if self.mirror:
             # again after shutdown_weight_transfer_engine: the weights may have moved past the checkpoint, so the
             # live mirror (equal to them after every successful apply) is kept, and the version must be its own
-            if self._dirty or self.broken is not None or init_info.version != self.version:
+            unapplied = bool(self.staged._changed) or self.broken is not None
+            if unapplied or init_info.version != self.version:
                 raise ValueError(f"sparsesync: this worker's weights are at version {self.version}"
-                                 f"{' (with an unapplied update)' if self._dirty or self.broken else ''}; "
+                                 f"{' (with an unapplied update)' if unapplied else ''}; "
                                  f"initialise again with version {self.version}, not {init_info.version}")
             mirror, path = self.mirror, "the mirror kept from before the shutdown"
         else:
@@ -171,21 +188,15 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                                      "locally; pass init_info 'checkpoint' (the safetensors files the engine loaded)")
             mirror = load_mirror(path)
             self._check_against_model_dir(path, mirror)
-        self.mirror = mirror
         self.names = list(mirror)
         self.layout = {n: (t.dtype, tuple(t.shape)) for n, t in mirror.items()}
         self._packed = dict(getattr(self.model, "packed_modules_mapping", {}) or {})
         self._aliases = self._tied_aliases()
-        self._require_digest = bool(init_info.require_digest)
-        self.version = init_info.version
-        self.digest = state_digest(mirror)
-        kw = {}
-        if init_info.stall_timeout is not None:
-            kw["stall_timeout"] = float(init_info.stall_timeout)
         listen = _offset_port(init_info.listen, _local_rank())
-        self.receiver = Receiver(mirror, listen, token=token, version=init_info.version, on_commit=self._on_commit,
-                                 **kw)
-        self.receiver.start()
+        self.staged = StagedMirror(mirror, listen=listen, token=token, version=init_info.version,
+                                   stall_timeout=init_info.stall_timeout, require_digest=init_info.require_digest)
+        self.staged.start()
+        self._running = True
         nbytes = sum(t.numel() * t.element_size() for t in mirror.values())
         log.info("sparsesync: worker %d receiving on %s at version %d; mirror of %d tensors (%.1f MB) from %s "
                  "loaded in %.2f s", os.getpid(), self.receiver.address, self.version, len(mirror), nbytes / 1e6,
@@ -216,9 +227,9 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                 raise
 
     def shutdown(self) -> None:
-        if self.receiver is not None:
-            self.receiver.stop()
-            self.receiver = None
+        if self._running:
+            self.staged.stop()
+            self._running = False
 
     # -- status / proof ---------------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -233,17 +244,6 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                 "last_update": dict(self.last_update)}
 
     # -- internals --------------------------------------------------------------------------------------------------
-    def _on_commit(self, version: int, stats) -> None:
-        """Runs on the receiver thread, with the receiver's commit lock held: note what changed, and hash the mirror
-        now (off the engine's pause; the mirror cannot change until the next commit)."""
-        self._dirty.update(stats.tensors)
-        # the receiver's decoder verified (and so computed) it when the update carried a digest
-        self._committed_digest = (version, stats.digest if stats.digest is not None else state_digest(self.mirror))
-        self._commits[version] = bool(getattr(stats, "digest_verified", False))
-        if len(self._commits) > 64:
-            for v in sorted(self._commits)[:-64]:
-                del self._commits[v]
-
     def _check_against_model_dir(self, path, mirror) -> None:
         """A checkpoint given explicitly must have the tensor layout of the one the engine loaded."""
         model_dir = model_directory(self.model_config.model, getattr(self.model_config, "revision", None))
@@ -279,42 +279,19 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                 aliases.update({m: canon for m in members if m != canon})
         return aliases
 
-    def _refusal(self) -> str:
-        # receiver.errors holds refused updates and ended connections, most recent last; show the last few
-        errs = list(self.receiver.errors)[-3:] if self.receiver is not None else []
-        if not errs:
-            return "; the receiver has refused nothing"
-        return "; the receiver's most recent errors (newest last): " + " | ".join(errs)
-
     def _receive(self, info: SparseSyncUpdateInfo) -> None:
         """Wait, check, agree with the other workers, apply. Every worker decides *before* touching the model whether
         it can apply; with tensor parallelism they exchange that decision (one small all-gather on vLLM's CPU group),
         so either every rank applies the version or none does."""
-        want = info.version
-        r = self.receiver
-        t0 = time.perf_counter()
-        arrived = r.wait_for(want, info.timeout)
-        wait_s = time.perf_counter() - t0
-        with r.hold() as held:
-            problem, names, dirty = None, [], set()
-            try:
-                if not arrived:
-                    problem = (f"version {want} did not arrive within {info.timeout:g} s at {r.address}; the receiver "
-                               f"holds version {held} and the engine applies version {self.version}{self._refusal()}")
-                elif held != want:
-                    problem = (f"version {want} was asked, but the receiver already holds version {held} (a newer push "
-                               f"arrived before this apply); update_weights applies exactly the requested version: "
-                               f"ask for version {held}")
-                elif self._require_digest and not self._commits.get(held, held == self.version):
-                    problem = (f"version {want} arrived without a verified state digest (require_digest=True): push "
-                               "with Sender(digest=True)")
-                else:
-                    dirty = set(self._dirty)
-                    names = expand(dirty, self.names, self._packed, self._aliases) if self.broken is None \
-                        else list(self.names)
-                    problem = self._validate(names)
-            except Exception as exc:          # noqa: BLE001 - must reach the agreement below on every rank
-                problem = f"{type(exc).__name__}: {exc}"
+        sm = self.staged
+        with sm.prepare(info.version, info.timeout,
+                        expand=lambda changed: expand(changed, self.names, self._packed, self._aliases)) as plan:
+            problem = plan.problem
+            if problem is None:
+                try:
+                    problem = self._validate(plan.names)
+                except Exception as exc:      # noqa: BLE001 - must reach the agreement below on every rank
+                    problem = f"{type(exc).__name__}: {exc}"
             problems = _agree(problem)
             if problems:
                 raise WeightUpdateError(f"sparsesync: {_describe(problems)}. The engine keeps serving version "
@@ -322,30 +299,23 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
             t1 = time.perf_counter()
             failure = None
             try:
-                fixed = self._apply(names) if names else []
+                fixed = self._apply(plan.names) if plan.names else []
             except BaseException as exc:      # noqa: BLE001
-                failure = self._recover(names, exc)
+                failure = self._recover(plan, exc)
                 fixed = []
             apply_s = time.perf_counter() - t1
             if failure is None:
-                self._dirty.clear()
-                self.broken = None
-                self.version = held
                 t2 = time.perf_counter()
-                cached = getattr(self, "_committed_digest", None)
-                self.digest = cached[1] if cached is not None and cached[0] == held else state_digest(self.mirror)
-                digest_s = time.perf_counter() - t2
+                sm.applied(plan, modules=len({group_key(n, self._packed, self._aliases) for n in plan.names}),
+                           fixups=fixed, apply_s=round(apply_s, 4))
+                sm.last_update["digest_s"] = round(time.perf_counter() - t2, 4)
             problems = _agree(failure)
             if problems:
-                raise WeightUpdateError(f"sparsesync: applying version {held} failed: {_describe(problems)}")
-        self.last_update = {"version": held, "changed_tensors": len(dirty), "loaded_tensors": len(names),
-                            "modules": len({group_key(n, self._packed, self._aliases) for n in names}),
-                            "fixups": fixed, "wait_s": round(wait_s, 4), "apply_s": round(apply_s, 4),
-                            "digest_s": round(digest_s, 4), "digest": self.digest,
-                            "digest_verified": self._commits.get(held)}
+                raise WeightUpdateError(f"sparsesync: applying version {plan.version} failed: {_describe(problems)}")
+        self.last_update = dict(sm.last_update)
         log.info("sparsesync: applied version %d: %d changed tensors -> %d loaded (%d modules) in %.3f s "
-                 "(waited %.3f s); digest %s", held, len(dirty), len(names), self.last_update["modules"], apply_s,
-                 wait_s, self.digest)
+                 "(waited %.3f s); digest %s", plan.version, len(plan.changed), len(plan.names),
+                 self.last_update["modules"], apply_s, plan.wait_s, self.digest)
 
     def _validate(self, names) -> str | None:
         """Everything that can be checked before the model is touched: every tensor is in the mirror with the layout
@@ -412,21 +382,21 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
                     done.append(mname)
         return done
 
-    def _recover(self, names, exc: BaseException) -> str:
+    def _recover(self, plan, exc: BaseException) -> str:
         """An apply failed half way: put the layerwise state back, then reload every touched module from the mirror
         (a consistent, verified version). Returns what happened (the caller raises)."""
         log.exception("sparsesync: apply failed")
         _abort_layerwise(self.model)
         try:
-            self._apply(names)
+            self._apply(plan.names)
         except BaseException as exc2:           # noqa: BLE001
             _abort_layerwise(self.model)
-            self.broken = f"{type(exc2).__name__}: {exc2}"
-            return (f"{type(exc).__name__}: {exc}; reloading the touched modules failed too ({self.broken}): the "
-                    f"engine's weights are INCONSISTENT; the next update_weights reloads every tensor")
-        self._dirty.clear()
-        self.version = self.receiver.version
-        self.digest = state_digest(self.mirror)
+            why = f"{type(exc2).__name__}: {exc2}"
+            msg = (f"{type(exc).__name__}: {exc}; reloading the touched modules failed too ({why}): the engine's "
+                   f"weights are INCONSISTENT; the next update_weights reloads every tensor")
+            self.staged.failed(plan, why, consistent=False)
+            return msg
+        self.staged.applied(plan, recovered=True)
         return (f"{type(exc).__name__}: {exc}; the touched modules were reloaded from the verified mirror, so the "
                 f"engine now holds version {self.version} (digest {self.digest})")
 
