@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import secrets
@@ -163,6 +164,31 @@ def cmd_serve(args) -> int:
             save(r.state, args.save)
             print(f"saved version {r.version} to {args.save}", flush=True)
     return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    """Ask receivers what they hold (nothing is sent); exit 1 if one cannot be reached or is not at --expect."""
+    from .session import probe
+    token = _token(args)
+    bad = 0
+    for addr in args.address:
+        try:
+            info = probe(addr, token=token, timeout=args.timeout)
+        except Exception as exc:              # noqa: BLE001 - reported per receiver
+            print(f"{addr}: unreachable: {exc}")
+            bad += 1
+            continue
+        if args.json:
+            print(json.dumps(info, sort_keys=True))
+        else:
+            st = info.get("status")
+            extra = "" if st is None else "  " + " ".join(f"{k}={st[k]}" for k in sorted(st)
+                                                          if not isinstance(st[k], (dict, list)))
+            print(f"{addr}: version {info['version']}  digest {info['digest']}"
+                  f"{'  (empty: takes the first sender layout)' if info['adopt'] else ''}{extra}")
+        if args.expect is not None and info["version"] != args.expect:
+            bad += 1
+    return EXIT_ERROR if bad else EXIT_OK
 
 
 def cmd_push(args) -> int:
@@ -511,6 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_token_args(p)
     p.set_defaults(fn=cmd_push)
+
+    st = sub.add_parser("status", parents=[common], formatter_class=fmt, epilog=TOKEN_RULES + "\n\n" + EXIT_STATUS,
+                        help="ask receivers what they hold",
+                        description=wrap("Connect to each receiver, authenticate, and print the version and state "
+                                         "digest it holds (and what an engine worker reports: applied version, last "
+                                         "error). Sends no weights. Exit 1 when a receiver cannot be reached or "
+                                         "does not hold --expect."))
+    st.add_argument("address", nargs="+", metavar="tcp://HOST:PORT", help="receiver address (one or more)")
+    st.add_argument("--expect", type=int, metavar="VERSION", help="fail unless every receiver holds this version")
+    st.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="seconds per receiver, connection included (default 10)")
+    st.add_argument("--json", action="store_true", help="one JSON object per receiver")
+    _add_token_args(st)
+    st.set_defaults(fn=cmd_status)
 
     b = sub.add_parser("bench", parents=[common], formatter_class=fmt, epilog=EXIT_STATUS,
                        help="cross-cluster bandwidth benchmark (real hosts or emulated links)",

@@ -441,3 +441,25 @@ def test_codec_bench_rows_when_nothing_changed(capsys):
     mod.print_table([row], mod.SIZE_COLS)
     out = capsys.readouterr().out
     assert "inf" not in out and "nan" not in out and "| unchanged |" in out and "| - |" in out
+
+
+def test_status_reports_version_and_digest_and_checks_expect():
+    import json
+
+    import torch
+
+    import sparsesync as ss
+    state = {"w": torch.arange(10, dtype=torch.float32)}
+    r = ss.Receiver(state, "tcp://127.0.0.1:0", token=TOKEN, version=4, status=lambda: {"applied_version": 3}).start()
+    try:
+        p = run_cli("status", r.address)
+        assert p.returncode == 0, p.stderr
+        assert f"version 4  digest {ss.state_digest(state)}" in p.stdout and "applied_version=3" in p.stdout
+        p = run_cli("status", r.address, "--json")
+        assert json.loads(p.stdout)["status"] == {"applied_version": 3}
+        assert run_cli("status", r.address, "--expect", "5").returncode == 1
+        p = run_cli("status", r.address, f"tcp://127.0.0.1:{free_port()}", "--timeout", "2")
+        assert p.returncode == 1 and "unreachable" in p.stdout
+        one_error_line(run_cli("status", r.address, env={}), "SPARSESYNC_TOKEN")
+    finally:
+        r.stop()
