@@ -253,7 +253,7 @@ def _subparsers(ap: argparse.ArgumentParser) -> dict:
 
 def test_every_option_has_help_and_token_rules_are_in_serve_and_push_help():
     subs = _subparsers(cli.build_parser())
-    assert set(subs) == {"demo", "serve", "push", "bench"}
+    assert set(subs) == {"demo", "serve", "push", "status", "bench"}
     for name, sp in subs.items():
         for a in sp._actions:
             assert a.help, f"{name} {a.option_strings or a.dest} has no help text"

@@ -222,3 +222,13 @@ class StagedMirror:
             for v in sorted(self._verified)[:-64]:
                 del self._verified[v]
 
+
+def offset_port(listen: str, k: int) -> str:
+    """The address of engine worker ``k`` of a node: ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+k`` (worker 0 keeps
+    it; port 0, meaning a free port, and other schemes are kept as they are)."""
+    if k == 0 or not listen.startswith("tcp://"):
+        return listen
+    host, _, port = listen[len("tcp://"):].rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return listen
+    return f"tcp://{host}:{int(port) + k}"

@@ -55,7 +55,7 @@ except ImportError:     # a vLLM without the weight-transfer registry: the worke
 
 from ...errors import InvalidArgument
 from ...session import Receiver
-from ..staging import StagedMirror
+from ..staging import StagedMirror, offset_port
 from . import WeightUpdateError
 from .checkpoint import load_mirror, model_directory, read_layout
 from .groups import expand, group_key
@@ -109,15 +109,6 @@ def _local_rank() -> int:
         return int(get_world_group().local_rank)
     except Exception:                 # noqa: BLE001 - not initialised (unit use): one worker
         return 0
-
-
-def _offset_port(listen: str, k: int) -> str:
-    if k == 0 or not listen.startswith("tcp://"):
-        return listen
-    host, _, port = listen[len("tcp://"):].rpartition(":")
-    if not port.isdigit() or int(port) == 0:
-        return listen
-    return f"tcp://{host}:{int(port) + k}"
 
 
 class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, SparseSyncUpdateInfo]):
@@ -192,7 +183,7 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
         self.layout = {n: (t.dtype, tuple(t.shape)) for n, t in mirror.items()}
         self._packed = dict(getattr(self.model, "packed_modules_mapping", {}) or {})
         self._aliases = self._tied_aliases()
-        listen = _offset_port(init_info.listen, _local_rank())
+        listen = offset_port(init_info.listen, _local_rank())
         self.staged = StagedMirror(mirror, listen=listen, token=token, version=init_info.version,
                                    stall_timeout=init_info.stall_timeout, require_digest=init_info.require_digest)
         self.staged.start()
