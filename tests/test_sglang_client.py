@@ -3,7 +3,8 @@
 SGLang does not run (nor import) here, so the client is tested against a fake ``Engine`` and a fake HTTP server
 whose methods / routes have SGLang 0.5.23's signatures and behaviour, and which call our loader in-process through a
 replica of ``WeightUpdater.update_weights_from_tensor``. Where the released source is present
-(``SPARSESYNC_SGLANG_SRC``, default ``/work/wheels/sg``: the unpacked wheel), the tests check those signatures,
+(``SPARSESYNC_SGLANG_SRC``, default ``~/.cache/sparsesync/sglang-0.5.23``: the unpacked wheel, put there by
+``scripts/sglang/fetch_source.sh``, which ``.ci/run`` runs), the tests check those signatures,
 routes, request fields and the unpickler's allow-list against it with ``ast`` (its modules do not import without a
 GPU stack); elsewhere those checks skip and the fakes keep the values read from it (file:line cited below).
 """
@@ -47,8 +48,9 @@ from sparsesync.integrations import sglang as plugin
 from sparsesync.integrations.sglang import COMMAND, LOADER, SGLangUpdateError, loader
 from sparsesync.integrations.sglang.client import SGLangClient
 
-SRC = Path(os.environ.get("SPARSESYNC_SGLANG_SRC", "/work/wheels/sg")) / "sglang"
-needs_src = pytest.mark.skipif(not (SRC / "srt").is_dir(), reason=f"SGLang 0.5.23 source not at {SRC}")
+SRC = Path(os.environ.get("SPARSESYNC_SGLANG_SRC", Path.home() / ".cache/sparsesync/sglang-0.5.23")) / "sglang"
+needs_src = pytest.mark.skipif(not (SRC / "srt").is_dir(),
+                               reason=f"SGLang 0.5.23 source not at {SRC} (run scripts/sglang/fetch_source.sh)")
 
 
 # -- reading the released source --------------------------------------------------------------------------------------
