@@ -185,9 +185,12 @@ class Receiver:
     def __exit__(self, *exc):
         self.stop()
 
-    def wait_for(self, version: int, timeout: float | None = None) -> bool:
-        """Block until the receiver holds ``version`` or newer; False on timeout."""
+    def wait_for(self, version: int, timeout: float | None = None, *, exact: bool = False) -> bool:
+        """Block until the receiver holds ``version`` or newer (``exact=True``: exactly ``version``, e.g. when a
+        sender may move it back); False on timeout."""
         with self._cond:
+            if exact:
+                return self._cond.wait_for(lambda: self.decoder.version == version, timeout)
             return self._cond.wait_for(lambda: self.decoder.version >= version, timeout)
 
     def digest(self) -> str:

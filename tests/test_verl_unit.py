@@ -293,3 +293,49 @@ def test_non_sending_actor_rank_walks_the_whole_generator(backend):
     assert walked == NAMES and eng.sender is None and eng.last_version == 4
     with pytest.raises(InvalidArgument, match="rollout-side"):
         asyncio.run(Registry.new("sparsesync", bucket_size=1, token=TOKEN).send_weights(iter([]), 0))
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_a_resumed_trainer_moves_the_rollouts_back_only_when_allowed(backend, monkeypatch, allow):
+    """A trainer restarted from an earlier checkpoint (a fresh actor engine, no base) while the rollout workers kept
+    running: by default its lower version is applied exactly (full update); with allow_rollback=False it is refused
+    clearly and the rollout keeps what it had."""
+    mod, Registry = backend
+    monkeypatch.delenv(core.TOKEN_ENV, raising=False)
+    kw = {"listen": "tcp://127.0.0.1:0", "timeout": 10, "token": TOKEN, "allow_rollback": allow}
+    rollout = Registry.new("sparsesync", bucket_size=1, **kw)
+    _ENGINES.append(rollout)
+    adapter: dict = {}
+
+    async def step(actor, gs, state):
+        meta = [actor.prepare(), rollout.prepare()]
+        a, r = type(actor).build_topology(1, 1, meta)
+        actor.init_process_group(**{k: v[0] for k, v in a.items()})
+        rollout.init_process_group(**{k: v[0] for k, v in r.items()})
+
+        async def consume():
+            async for name, t in rollout.receive_weights(global_steps=gs):
+                adapter[name] = t.clone()
+        await asyncio.gather(actor.send_weights(iter(list(state.items())), global_steps=gs), consume())
+
+    first = Registry.new("sparsesync", bucket_size=1, is_master=True, **kw)
+    _ENGINES.append(first)
+    late = _state(1)
+    for gs in range(3):
+        late["model.norm.weight"][gs] += 1
+        asyncio.run(step(first, gs, late))
+    assert rollout.staged.version == 3 and state_digest(adapter) == state_digest(late)
+    resumed = Registry.new("sparsesync", bucket_size=1, is_master=True, **kw)     # a new trainer process
+    _ENGINES.append(resumed)
+    early = _state(2)
+    if allow:
+        asyncio.run(step(resumed, 0, early))
+        assert rollout.staged.version == 1 and state_digest(adapter) == state_digest(early)
+        for k in early:
+            assert torch.equal(adapter[k].view(torch.int16 if adapter[k].element_size() == 2 else torch.int32),
+                               early[k].view(torch.int16 if early[k].element_size() == 2 else torch.int32))
+    else:
+        rollout.opts.timeout = 2
+        with pytest.raises(mod.WeightSyncError, match="RollbackRefused|newer than"):
+            asyncio.run(step(resumed, 0, early))
+        assert rollout.staged.version == 3 and state_digest(adapter) == state_digest(late)

@@ -119,11 +119,12 @@ class StagedMirror:
 
     # -- apply --------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def prepare(self, version: int, timeout: float,
-                expand: Callable[[set], Iterable[str]] | None = None) -> Iterator[Plan]:
-        """Wait up to ``timeout`` seconds until the mirror holds ``version``, then hold it (no commit inside the
-        block) and yield the :class:`Plan`. If ``plan.problem`` is set the engine must not touch its weights. Call
-        :meth:`applied` inside the block once the engine holds the plan's tensors."""
+    def prepare(self, version: int, timeout: float, expand: Callable[[set], Iterable[str]] | None = None, *,
+                exact: bool = False) -> Iterator[Plan]:
+        """Wait up to ``timeout`` seconds until the mirror holds ``version`` (or a newer one, which is a problem;
+        ``exact=True`` keeps waiting for exactly ``version``, for senders that may move receivers back), then hold it
+        (no commit inside the block) and yield the :class:`Plan`. If ``plan.problem`` is set the engine must not
+        touch its weights. Call :meth:`applied` inside the block once the engine holds the plan's tensors."""
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise InvalidArgument(f"version must be an int >= 0, got {version!r}")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout >= 0:
@@ -131,7 +132,7 @@ class StagedMirror:
         with self._lock:
             r = self.receiver
             t0 = time.perf_counter()
-            arrived = r.wait_for(version, timeout)
+            arrived = r.wait_for(version, timeout, exact=exact)
             wait_s = time.perf_counter() - t0
             with r.hold() as held:
                 plan = Plan(held, wait_s=wait_s)

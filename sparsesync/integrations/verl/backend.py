@@ -113,7 +113,8 @@ class SparseSyncCheckpointEngine(CheckpointEngine):
         quorum = len(peers) if self.opts.quorum == "all" else min(self.opts.quorum, len(peers))
         self.sender = Sender(list(peers), token=tok, base=base, base_version=base_version, digest=True,
                              timeout=self.opts.timeout, connect_timeout=self.opts.connect_timeout, quorum=quorum,
-                             compress=self.opts.compress, streams=self.opts.streams, progress=False)
+                             compress=self.opts.compress, streams=self.opts.streams, progress=False,
+                             allow_rollback=self.opts.allow_rollback)
         self._sender_key = key
 
     def finalize(self) -> None:
@@ -183,7 +184,8 @@ class SparseSyncCheckpointEngine(CheckpointEngine):
         deadline = time.monotonic() + opts.timeout
         # wait off the event loop; the hold below then finds the version (or the problem) at once
         where = f"sparsesync rollout {self.address} (rank {self.rank})"
-        if not await asyncio.to_thread(sm.receiver.wait_for, version, opts.timeout):
+        # exactly this version: the actor is the authority and may move the rollouts back (a resumed trainer)
+        if not await asyncio.to_thread(lambda: sm.receiver.wait_for(version, opts.timeout, exact=True)):
             raise WeightSyncError(f"{where}: version {version} (verl global_steps={global_steps}) did not arrive "
                                   f"within {opts.timeout:g} s; the receiver holds version {sm.receiver.version} and "
                                   f"the rollout keeps version {sm.version}{sm.refusal()}")
@@ -192,7 +194,7 @@ class SparseSyncCheckpointEngine(CheckpointEngine):
         def expand(changed: set) -> list[str]:      # called with the mirror held
             return core.names_to_load(opts.load, changed, sm.names, opts.packed_mapping(), first=again)
 
-        with sm.prepare(version, max(0.0, deadline - time.monotonic()), expand=expand) as plan:
+        with sm.prepare(version, max(0.0, deadline - time.monotonic()), expand=expand, exact=True) as plan:
             if plan.problem is not None:
                 raise WeightSyncError(f"{where}: cannot load version {version} (verl global_steps={global_steps}): "
                                       f"{plan.problem}; the rollout keeps version {sm.version}"

@@ -44,6 +44,9 @@ class Options:
     hold each version for the push to succeed (default ``"all"``). ``require_digest``: a rollout loads only updates
     whose digest it verified (default True; the actor always sends digests). ``stall_timeout``: seconds a receiver
     waits on a silent sender mid-update. ``compress``, ``streams``, ``connect_timeout``: see ``sparsesync.Sender``.
+    ``allow_rollback`` (default True): the actor may move rollouts to a lower version than they hold (a trainer
+    resumed from an earlier checkpoint while the rollout workers kept running; the trainer's step is the
+    authority); False refuses such pushes (``RollbackRefused``).
     """
     token: str | None = None
     token_file: str | None = None
@@ -59,6 +62,7 @@ class Options:
     compress: bool = False
     streams: int = 1
     connect_timeout: float = 10.0
+    allow_rollback: bool = True
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "Options":
@@ -82,6 +86,8 @@ class Options:
                 isinstance(k, str) and isinstance(v, Sequence) and not isinstance(v, str)
                 and all(isinstance(p, str) for p in v) for k, v in self.packed.items()):
             raise InvalidArgument(f"packed must map a fused module name to a list of part names, got {self.packed!r}")
+        if not isinstance(self.allow_rollback, bool):
+            raise InvalidArgument(f"allow_rollback must be true or false, got {self.allow_rollback!r}")
         if self.token is not None and self.token_file is not None:
             raise InvalidArgument("give token or token_file, not both")
         if self.listen is not None and (not isinstance(self.listen, str) or not self.listen.startswith("tcp://")):
