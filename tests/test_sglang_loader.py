@@ -124,6 +124,12 @@ def ranks(monkeypatch):
     return r
 
 
+@pytest.fixture(params=[False, True], ids=["loader", "direct"])
+def direct(request):
+    """Every scenario runs twice: apply through load_weights only, and with init 'direct' (the runtime map)."""
+    return request.param
+
+
 @pytest.fixture
 def cleanup():
     workers = []
@@ -134,7 +140,10 @@ def cleanup():
             w.staged.stop()
 
 
-def start(kind, tmp_path, cleanup, *, tied=False, tp=1, ranks=None, port=None, **init):
+def start(kind, tmp_path, cleanup, *, tied=False, tp=1, ranks=None, port=None, direct=False, model_cls=None,
+          **init):
+    if direct:
+        init["direct"] = True
     cfg = sm.Cfg(tie_word_embeddings=tied)
     ckpt = sm.checkpoint(cfg, kind)
     path = write_ckpt(tmp_path, ckpt)
@@ -144,12 +153,16 @@ def start(kind, tmp_path, cleanup, *, tied=False, tp=1, ranks=None, port=None, *
         if ranks is not None:
             ranks.size = tp
             ranks.set(r)
-        m = sm.MODELS[kind](cfg, r, tp)
+        m = (model_cls or sm.MODELS[kind])(cfg, r, tp)
         sm.load_full(m, ckpt)
-        assert_exact(m, ckpt, cfg, kind, r, tp)
+        if model_cls is None:
+            assert_exact(m, ckpt, cfg, kind, r, tp)
         out = loader.load(m, cmd(op="init", listen=f"tcp://127.0.0.1:{port}", token=TOKEN, checkpoint=path, **init))
         cleanup.append(m)
         assert out["ok"], out["message"]
+        assert out["direct"]["enabled"] is bool(direct)
+        if direct:
+            assert out["direct"]["mapped"] > 0 and "direct:" in out["message"]
         assert out["address"] == f"tcp://127.0.0.1:{port + r}"
         models.append(m)
     addrs = [f"tcp://127.0.0.1:{port + r}" for r in range(tp)]
@@ -227,8 +240,8 @@ def test_init_refusals_name_the_bad_value(tmp_path, ranks, cleanup):
 
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("qwen3", False), ("qwen3", True),
                                        ("qwen3_moe", False)])
-def test_sparse_updates_apply_exactly_with_the_engine_digest(kind, tied, tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start(kind, tmp_path, cleanup, tied=tied, require_digest=True)
+def test_sparse_updates_apply_exactly_with_the_engine_digest(kind, tied, tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start(kind, tmp_path, cleanup, tied=tied, require_digest=True, direct=direct)
     sender = Sender([addr], token=TOKEN, base={n: t.clone() for n, t in ckpt.items()}, base_version=0, digest=True)
     state = ckpt
     try:
@@ -244,6 +257,9 @@ def test_sparse_updates_apply_exactly_with_the_engine_digest(kind, tied, tmp_pat
             assert st["applied_version"] == v and st["digest"] == state_digest(state) and st["error"] is None
             assert st["tp_rank"] == 0 and st["engine"] == "sglang"
             assert 0 < out["changed"] <= out["loaded"] <= len(ckpt)
+            assert out["direct_tensors"] + out["loader_tensors"] == out["loaded"]
+            assert (out["direct_tensors"] > 0) is direct
+            assert st["last_update"]["direct_tensors"] == out["direct_tensors"]
     finally:
         sender.close()
 
@@ -270,8 +286,8 @@ def spy_loads(model):
     ("qwen3_moe", False, ["model.layers.1.mlp.experts.2.down_proj.weight"],
      {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")}),
 ])
-def test_changes_are_widened_to_whole_runtime_modules(kind, tied, changed, want, tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start(kind, tmp_path, cleanup, tied=tied)
+def test_changes_are_widened_to_whole_runtime_modules(kind, tied, changed, want, tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start(kind, tmp_path, cleanup, tied=tied, direct=direct)
     state = {n: t.clone() for n, t in ckpt.items()}
     for n in changed:
         state[n].view(torch.int16).reshape(-1)[:5] += 1
@@ -280,13 +296,21 @@ def test_changes_are_widened_to_whole_runtime_modules(kind, tied, changed, want,
         assert s.push(state, version=1).ok
     out = apply(model, 1)
     assert out["ok"], out["message"]
-    assert set(seen[0]) == want and len(seen) == 1
+    if not direct:
+        assert set(seen[0]) == want and len(seen) == 1
+    else:
+        # the same tensors, split between the map and the loader; the loader sees only names the map left to it
+        rmap = loader.worker_for(model).rmap
+        assert out["direct_tensors"] + out["loader_tensors"] == len(want) == out["loaded"]
+        through = [n for call in seen for n in call]
+        assert len(through) == out["loader_tensors"] and set(through) <= want
+        assert all(not rmap.mapped.get(n) for n in through)
     assert_exact(model, state, cfg, kind)
 
 
-def test_tp2_each_rank_holds_its_exact_shard(tmp_path, ranks, cleanup):
+def test_tp2_each_rank_holds_its_exact_shard(tmp_path, ranks, cleanup, direct):
     kind = "qwen3_moe"
-    cfg, ckpt, models, addrs = start(kind, tmp_path, cleanup, tp=2, ranks=ranks)
+    cfg, ckpt, models, addrs = start(kind, tmp_path, cleanup, tp=2, ranks=ranks, direct=direct)
     state = ckpt
     with Sender(addrs, token=TOKEN, base=ckpt, base_version=0, digest=True) as s:
         for v in (1, 2):
@@ -296,13 +320,14 @@ def test_tp2_each_rank_holds_its_exact_shard(tmp_path, ranks, cleanup):
                 out = apply(m, v, ranks=ranks, rank=r)
                 assert out["ok"], out["message"]
                 assert out["digest"] == state_digest(state)
+                assert (out["direct_tensors"] > 0) is direct
                 assert_exact(m, state, cfg, kind, r, 2)
     for r, a in enumerate(addrs):
         st = probe(a, token=TOKEN, timeout=5)["status"]
         assert (st["tp_rank"], st["tp_size"], st["applied_version"]) == (r, 2, 2)
 
 
-def test_tp2_kv_heads_replicated_when_tp_exceeds_them(tmp_path, ranks, cleanup):
+def test_tp2_kv_heads_replicated_when_tp_exceeds_them(tmp_path, ranks, cleanup, direct):
     # 1 kv head, TP=2: both ranks hold the same k/v rows (num_kv_head_replicas = 2)
     cfg = sm.Cfg(num_key_value_heads=1)
     ckpt = sm.checkpoint(cfg, "llama")
@@ -315,7 +340,7 @@ def test_tp2_kv_heads_replicated_when_tp_exceeds_them(tmp_path, ranks, cleanup):
         m = sm.LlamaForCausalLM(cfg, r, 2)
         sm.load_full(m, ckpt)
         assert loader.load(m, cmd(op="init", listen=f"tcp://127.0.0.1:{port}", token=TOKEN,
-                                  checkpoint=path))["ok"]
+                                  checkpoint=path, **({"direct": True} if direct else {})))["ok"]
         cleanup.append(m)
         models.append(m)
     state = perturb(ckpt, 1)
@@ -323,12 +348,13 @@ def test_tp2_kv_heads_replicated_when_tp_exceeds_them(tmp_path, ranks, cleanup):
                 base_version=0) as s:
         assert s.push(state, version=1).ok
     for r, m in enumerate(models):
-        assert apply(m, 1, ranks=ranks, rank=r)["ok"]
+        out = apply(m, 1, ranks=ranks, rank=r)
+        assert out["ok"] and (out["direct_tensors"] > 0) is direct, out
         assert_exact(m, state, cfg, "llama", r, 2)
 
 
-def test_version_that_never_arrives_times_out_and_changes_nothing(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup)
+def test_version_that_never_arrives_times_out_and_changes_nothing(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup, direct=direct)
     s1 = perturb(ckpt, 1)
     with Sender([addr], token=TOKEN, base=ckpt, base_version=0, digest=True) as s:
         assert s.push(s1, version=1).ok
@@ -347,8 +373,8 @@ def test_version_that_never_arrives_times_out_and_changes_nothing(tmp_path, rank
         assert probe(addr, token=TOKEN, timeout=5)["status"]["error"] is None
 
 
-def test_a_newer_version_than_asked_is_refused(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("qwen3", tmp_path, cleanup)
+def test_a_newer_version_than_asked_is_refused(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("qwen3", tmp_path, cleanup, direct=direct)
     snap = snapshot(model)
     s1, s2 = perturb(ckpt, 1), None
     with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
@@ -362,8 +388,8 @@ def test_a_newer_version_than_asked_is_refused(tmp_path, ranks, cleanup):
     assert_exact(model, s2, cfg, "qwen3")
 
 
-def test_a_refused_push_changes_nothing_and_a_wrong_base_gets_a_full_update(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup)
+def test_a_refused_push_changes_nothing_and_a_wrong_base_gets_a_full_update(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup, direct=direct)
     snap = snapshot(model)
     s1 = perturb(ckpt, 1)
     with Sender([addr], token="not-the-token", base=ckpt, base_version=0, retries=0) as s:
@@ -384,8 +410,8 @@ def test_a_refused_push_changes_nothing_and_a_wrong_base_gets_a_full_update(tmp_
     assert out["digest"] == state_digest(s1)
 
 
-def test_load_weights_failing_part_way_is_finished_from_the_mirror(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("qwen3_moe", tmp_path, cleanup)
+def test_load_weights_failing_part_way_is_finished_from_the_mirror(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("qwen3_moe", tmp_path, cleanup, direct=direct)
     orig = model.load_weights
     calls = {"n": 0}
 
@@ -406,8 +432,8 @@ def test_load_weights_failing_part_way_is_finished_from_the_mirror(tmp_path, ran
     assert_exact(model, s1, cfg, "qwen3_moe")
 
 
-def test_load_weights_failing_twice_reports_inconsistent_then_recovers(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup)
+def test_load_weights_failing_twice_reports_inconsistent_then_recovers(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup, direct=direct)
     orig = model.load_weights
     broken = {"on": True}
     seen = []
@@ -432,15 +458,19 @@ def test_load_weights_failing_twice_reports_inconsistent_then_recovers(tmp_path,
         assert s.push(s2, version=2).ok
         out = apply(model, 2)
         assert out["ok"], out["message"]
-        assert seen[-1] == len(ckpt)                      # after a broken apply every tensor is loaded
+        if not direct:
+            assert seen[-1] == len(ckpt)                  # after a broken apply every tensor is loaded
+        else:
+            assert out["loaded"] == len(ckpt) == out["direct_tensors"] + out["loader_tensors"]
+            assert out["direct_tensors"] > 0 and seen[-1] == out["loader_tensors"]
         assert_exact(model, s2, cfg, "llama")
         assert probe(addr, token=TOKEN, timeout=5)["status"]["broken"] is None
 
 
-def test_tp_workers_agree_all_or_nothing(tmp_path, ranks, cleanup, monkeypatch):
+def test_tp_workers_agree_all_or_nothing(tmp_path, ranks, cleanup, monkeypatch, direct):
     """Rank 1 never receives version 1: neither rank applies it (the go / no-go exchange), then both apply 2."""
     kind = "llama"
-    cfg, ckpt, models, addrs = start(kind, tmp_path, cleanup, tp=2, ranks=ranks)
+    cfg, ckpt, models, addrs = start(kind, tmp_path, cleanup, tp=2, ranks=ranks, direct=direct)
     barrier = threading.Barrier(2)
     box: dict = {}
 
@@ -480,12 +510,13 @@ def test_tp_workers_agree_all_or_nothing(tmp_path, ranks, cleanup, monkeypatch):
         assert s.push(s2, version=2).ok
     outs = both(2, 10)
     assert outs[0]["ok"] and outs[1]["ok"], outs
+    assert all((o["direct_tensors"] > 0) is direct for o in outs)
     for r, m in enumerate(models):
         assert_exact(m, s2, cfg, kind, r, 2)
 
 
-def test_shutdown_and_init_again_keeps_the_mirror(tmp_path, ranks, cleanup):
-    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup)
+def test_shutdown_and_init_again_keeps_the_mirror(tmp_path, ranks, cleanup, direct):
+    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup, direct=direct)
     s1 = perturb(ckpt, 1)
     with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
         assert s.push(s1, version=1).ok
@@ -496,12 +527,16 @@ def test_shutdown_and_init_again_keeps_the_mirror(tmp_path, ranks, cleanup):
     assert loader.load(model, cmd(op="shutdown"))["ok"]
     out = loader.load(model, cmd(op="init", listen=f"tcp://127.0.0.1:{port}", token=TOKEN, version=0))
     assert not out["ok"] and "version 1" in out["message"]
-    out = loader.load(model, cmd(op="init", listen=f"tcp://127.0.0.1:{port}", token=TOKEN, version=1))
+    out = loader.load(model, cmd(op="init", listen=f"tcp://127.0.0.1:{port}", token=TOKEN, version=1,
+                                 **({"direct": True} if direct else {})))
     assert out["ok"], out["message"]
+    assert out["direct"]["enabled"] is direct           # learned again on the kept mirror (== the weights)
+    assert_exact(model, s1, cfg, "llama")
     s2 = perturb(s1, 2)
     with Sender([addr], token=TOKEN, base=s1, base_version=1) as s:
         assert s.push(s2, version=2).ok
-    assert apply(model, 2)["ok"]
+    out = apply(model, 2)
+    assert out["ok"] and (out["direct_tensors"] > 0) is direct, out
     assert_exact(model, s2, cfg, "llama")
 
 
@@ -538,3 +573,194 @@ def test_tp_placement_is_read_from_sglangs_runtime_context(monkeypatch):
     assert loader.offset_port("tcp://0.0.0.0:7000", 3) == "tcp://0.0.0.0:7003"
     monkeypatch.setitem(sys.modules, "sglang.srt.runtime_context", None)
     assert loader._tp() == (0, 1, 0, None)
+
+
+# -- init 'direct': the runtime map ------------------------------------------------------------------------------------
+def test_direct_copies_replace_the_loader_for_mapped_tensors(tmp_path, ranks, cleanup):
+    """Qwen3-MoE, every tensor changed: the loader sees only the tensors the map left to it (the vocab-padded
+    embeddings, whose loader zero-fills), every expert goes by direct copies, and the result is exact."""
+    cfg, ckpt, (model,), (addr,) = start("qwen3_moe", tmp_path, cleanup, direct=True)
+    w = loader.worker_for(model)
+    assert set(w.rmap.unmapped) == {"model.embed_tokens.weight", "lm_head.weight"}, w.rmap.unmapped
+    assert all("fill_" in why for why in w.rmap.unmapped.values())
+    seen = spy_loads(model)
+    state = ckpt
+    with Sender([addr], token=TOKEN, base=ckpt, base_version=0, digest=True) as s:
+        for v in (1, 2):
+            state = perturb(state, v)
+            assert s.push(state, version=v).ok
+            out = apply(model, v)
+            assert out["ok"], out["message"]
+            assert (out["direct_tensors"], out["loader_tensors"]) == (out["loaded"] - 2, 2)
+            assert out["loaded"] > len(ckpt) // 2            # (small norms may see no change)
+            assert sorted(seen[-1]) == ["lm_head.weight", "model.embed_tokens.weight"] and len(seen) == v
+            assert_exact(model, state, cfg, "qwen3_moe")
+            assert out["digest"] == state_digest(state)
+    st = probe(addr, token=TOKEN, timeout=5)["status"]
+    assert st["direct"]["enabled"] and st["direct"]["mapped"] == len(ckpt) - 2 and st["direct"]["map_bytes"] > 0
+    assert st["last_update"]["direct_tensors"] == out["direct_tensors"] and st["last_update"]["loader_tensors"] == 2
+
+
+class ScaledNormQwen3(sm.Qwen3ForCausalLM):
+    """A loader that is not a pure copy for some tensors: q_norm weights are stored doubled."""
+
+    def __init__(self, cfg, tp_rank=0, tp_size=1):
+        super().__init__(cfg, tp_rank, tp_size)
+        for layer in self.model.layers:
+            layer.self_attn.q_norm.weight.weight_loader = lambda param, w: param.data.copy_(w * 2)
+
+
+def test_direct_mixes_with_a_loader_that_is_not_a_copy(tmp_path, ranks, cleanup):
+    cfg, ckpt, (model,), (addr,) = start("qwen3", tmp_path, cleanup, direct=True, model_cls=ScaledNormQwen3)
+    scaled = [n for n in ckpt if n.endswith("q_norm.weight")]
+    rmap = loader.worker_for(model).rmap
+    assert all(n in rmap.unmapped and "mul" in rmap.unmapped[n] for n in scaled), rmap.unmapped
+    assert "model.layers.0.self_attn.k_norm.weight" in rmap.mapped
+
+    def check(state):
+        want = sm.expected_params(state, cfg, "qwen3", 0, 1)
+        for n in scaled:
+            want[n] = state[n] * 2
+        got = dict(model.named_parameters())
+        bad = [n for n in want if not torch.equal(bits(got[n]), bits(want[n]))]
+        assert not bad, bad
+    check(ckpt)                                           # learning loaded the mirror: nothing changed
+    seen = spy_loads(model)
+    state = ckpt
+    with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
+        for v in (1, 2):
+            state = perturb(state, v)
+            for n in scaled:                                  # make sure the scaled tensors change too
+                state[n].view(torch.int16)[:3] += 1
+            assert s.push(state, version=v).ok
+            out = apply(model, v)
+            assert out["ok"], out["message"]
+            assert set(scaled) <= set(seen[-1]) and out["direct_tensors"] > 0
+            assert len(seen[-1]) == out["loader_tensors"] and all(not rmap.mapped.get(n) for n in seen[-1])
+            check(state)
+
+
+def _replace_data(model):
+    p = model.model.layers[1].self_attn.o_proj.weight
+    p.data = p.data.clone()
+
+
+def _replace_parameter(model):
+    mod = model.model.layers[0].mlp.experts
+    old = mod.w2_weight
+    new = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
+    new.weight_loader = old.weight_loader
+    mod.w2_weight = new
+
+
+@pytest.mark.parametrize("replace", [_replace_data, _replace_parameter], ids=["param.data", "new Parameter"])
+def test_direct_falls_back_to_the_loader_when_a_parameter_was_replaced(replace, tmp_path, ranks, cleanup):
+    cfg, ckpt, (model,), (addr,) = start("qwen3_moe", tmp_path, cleanup, direct=True)
+    replace(model)
+    assert_exact(model, ckpt, cfg, "qwen3_moe")
+    state = ckpt
+    with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
+        for v in (1, 2):
+            state = perturb(state, v)
+            assert s.push(state, version=v).ok
+            out = apply(model, v)
+            assert out["ok"], out["message"]
+            assert out["direct_tensors"] == 0 and out["loader_tensors"] == out["loaded"] > len(ckpt) // 2
+            assert_exact(model, state, cfg, "qwen3_moe")
+    st = probe(addr, token=TOKEN, timeout=5)["status"]
+    assert st["direct"]["enabled"] is False and "replaced" in st["direct"]["off"] and st["error"] is None
+
+
+def test_direct_copies_failing_part_way_are_finished_through_load_weights(tmp_path, ranks, cleanup, monkeypatch):
+    cfg, ckpt, (model,), (addr,) = start("llama", tmp_path, cleanup, direct=True)
+    w = loader.worker_for(model)
+    orig_apply, orig_load = w.rmap.apply, model.load_weights
+    fail = {"direct": 1, "loader": 0}
+    seen = []
+
+    def bad_apply(mirror, names):
+        names = list(names)
+        orig_apply(mirror, names[:3])                     # three tensors copied, then the failure
+        if fail["direct"]:
+            fail["direct"] -= 1
+            raise RuntimeError("CUDA error: injected in a copy")
+        return orig_apply(mirror, names)
+
+    def load_weights(weights):
+        weights = list(weights)
+        seen.append(len(weights))
+        if fail["loader"]:
+            fail["loader"] -= 1
+            raise RuntimeError("injected in load_weights")
+        return orig_load(weights)
+    monkeypatch.setattr(w.rmap, "apply", bad_apply)
+    model.load_weights = load_weights
+    s1 = perturb(ckpt, 1)
+    with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
+        assert s.push(s1, version=1).ok
+        out = apply(model, 1)
+        assert out["ok"], out["message"]
+        assert "direct copies" in out["message"] and "injected in a copy" in out["message"]
+        assert seen == [out["loaded"]] and out["direct_tensors"] == 0   # the retry: all through the loader
+        assert_exact(model, s1, cfg, "llama")
+        # both paths fail: inconsistent, then the next apply loads everything (direct again) and recovers
+        fail.update(direct=1, loader=1)
+        s2 = perturb(s1, 2)
+        assert s.push(s2, version=2).ok
+        out = apply(model, 2)
+        assert not out["ok"] and "INCONSISTENT" in out["message"] and "direct copies" in out["message"]
+        assert probe(addr, token=TOKEN, timeout=5)["status"]["broken"]
+        s3 = perturb(s2, 3)
+        assert s.push(s3, version=3).ok
+        out = apply(model, 3)
+        assert out["ok"], out["message"]
+        assert out["loaded"] == len(ckpt) and out["direct_tensors"] > 0
+        assert_exact(model, s3, cfg, "llama")
+
+
+class PostLoadLlama(sm.LlamaForCausalLM):
+    def post_load_weights(self, weight_names=None):       # like DeepSeek MLA's w_kc / w_vc: state the map cannot see
+        pass
+
+
+def test_direct_init_refusals(tmp_path, ranks, cleanup):
+    cfg = sm.Cfg()
+    ckpt = sm.checkpoint(cfg, "llama")
+    path = write_ckpt(tmp_path, ckpt)
+    port = free_base_port(1)
+    base = {"listen": f"tcp://127.0.0.1:{port}", "token": TOKEN, "checkpoint": path}
+    model = sm.LlamaForCausalLM(cfg)
+    sm.load_full(model, ckpt)
+    out = loader.load(model, cmd(op="init", direct="yes", **base))
+    assert not out["ok"] and "'yes'" in out["message"]
+    m2 = PostLoadLlama(cfg)
+    sm.load_full(m2, ckpt)
+    out = loader.load(m2, cmd(op="init", direct=True, **base))
+    assert not out["ok"] and "post_load_weights" in out["message"]
+
+    def broken_loader(weights):
+        raise RuntimeError("loader exploded")
+    model.load_weights = broken_loader
+    out = loader.load(model, cmd(op="init", direct=True, **base))
+    assert not out["ok"] and "loader exploded" in out["message"] and "without 'direct'" in out["message"]
+    assert loader.worker_for(model).staged is None
+    with socket.socket() as sk:                           # no receiver was left listening
+        sk.bind(("127.0.0.1", port))
+    # a mirror that is not what the engine holds is never learned from
+    from sparsesync.integrations.staging import StagedMirror
+    staged = StagedMirror(dict(ckpt), listen=f"tcp://127.0.0.1:{port}", token=TOKEN, version=0)
+    staged.version = 3
+    with pytest.raises(loader.CommandError, match="engine is at version 3"):
+        loader.worker_for(m2)._learn(staged)
+
+
+def test_direct_under_inference_mode(tmp_path, ranks, cleanup):
+    """SGLang's scheduler loop runs under torch.inference_mode (DynamicGradMode): learning and applying there."""
+    with torch.inference_mode():
+        cfg, ckpt, (model,), (addr,) = start("qwen3", tmp_path, cleanup, tied=True, direct=True)
+        s1 = perturb(ckpt, 1)
+        with Sender([addr], token=TOKEN, base=ckpt, base_version=0) as s:
+            assert s.push(s1, version=1).ok
+        out = apply(model, 1)
+    assert out["ok"] and out["direct_tensors"] > 0, out
+    assert_exact(model, s1, cfg, "qwen3")

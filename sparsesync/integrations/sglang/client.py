@@ -120,8 +120,10 @@ class SGLangClient:
 
     # -- commands -------------------------------------------------------------------------------------------------
     def init(self, *, version: int = 0, checkpoint: str | None = None, require_digest: bool = False,
-             stall_timeout: float | None = None) -> dict:
+             stall_timeout: float | None = None, direct: bool = False) -> dict:
         """Start every worker's receiver on its mirror at ``version`` (no pause needed: the weights do not change).
+        ``direct``: every worker also learns a runtime map (the loader's init key ``direct``; opt-in, costs a learn
+        pass over every tensor at init) and later applies mapped tensors by direct copies.
         Returns ``{"message", "workers": [probe results]}``; raises :class:`SGLangUpdateError` if any worker has no
         receiver at ``version`` afterwards."""
         cmd = {"op": "init", "listen": self.listen, "version": version, "require_digest": require_digest}
@@ -133,6 +135,8 @@ class SGLangClient:
             cmd["checkpoint"] = str(checkpoint)
         if stall_timeout is not None:
             cmd["stall_timeout"] = stall_timeout
+        if direct:
+            cmd["direct"] = True
         ok, message = self._session(cmd, flush_cache=False, timeout=600.0)
         workers = self.probe_all()
         bad = [w for w in workers if w.get("error_probe") or w.get("status", {}).get("applied_version") != version]

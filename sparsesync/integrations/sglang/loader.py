@@ -19,11 +19,34 @@ background receiver. Keys:
   cache): the safetensors checkpoint the engine loaded.
 - ``require_digest`` (bool, default False): refuse versions whose update did not carry the trainer's state digest.
 - ``stall_timeout`` (seconds, optional): the receiver's.
+- ``direct`` (bool, default False): learn a :class:`~sparsesync.integrations.runtime_map.RuntimeMap` and apply the
+  tensors it maps by direct strided copies from the mirror into the parameters instead of through ``load_weights``
+  (see below).
+
+``direct``: before the receiver starts (so no push can change the mirror meanwhile; refused unless the mirror holds
+exactly the engine's version and is not inconsistent), every mirror tensor is loaded once through the model's
+``load_weights`` under a dispatch mode that records which ones land as pure copies (``RuntimeMap.learn``; it verifies
+the map bitwise against what the loader wrote). The engine's weights equal the mirror at init (the init contract:
+``checkpoint`` is what the engine loaded, at ``version``), so this writes the values they already hold. A worker whose
+learning fails refuses the init (all TP workers then refuse). Models with ``post_load_weights`` (DeepSeek MLA's
+``w_kc`` / ``w_vc`` and others: state derived from parameters outside them, invisible to the map) are refused. An
+apply then copies the mapped tensors directly (the map is checked for replaced parameters and mirror layouts before
+any copy) and passes the rest (tensors whose loader is not a pure copy, e.g. vocab padding that is zero-filled, or
+a tensor the map saw no copy for) to ``load_weights``. A failure in either part is handled like a failing
+``load_weights``: the same tensors are loaded again, all through ``load_weights``. If a parameter was replaced since
+learning (``param.data = ...`` or a new Parameter), the apply goes entirely through ``load_weights`` and direct stays
+off until the next ``init`` with ``direct`` (status ``direct.off`` says why). Costs: the learn time at init (one
+``load_weights`` call per checkpoint tensor plus dispatch-mode and per-call parameter-identity checks: more than one
+full load), map memory O(tensors) (about 1 KB per tensor as Python objects), an O(parameters) identity check per
+apply. Status (``direct``: ``enabled``, ``mapped``, ``unmapped``, ``copies``, ``learn_s``, ``map_bytes``, ``off``) and
+every apply (``direct_tensors``, ``loader_tensors``, ``direct_s``, ``loader_s``) report both paths. Not run on a live
+SGLang; opt-in.
 
 ``{"op": "apply", "version": v, "timeout": s}``: wait up to ``s`` seconds (default 60) until this worker's receiver
 holds exactly ``v``, then load every checkpoint tensor of each runtime module the updates since the last apply
 touched (fused q/k/v and gate/up, every expert of a touched MoE layer, both names of a tied embedding) through the
-model's own ``load_weights``: SGLang's exact semantics for fused, TP-sharded, tied and MoE parameters.
+model's own ``load_weights``: SGLang's exact semantics for fused, TP-sharded, tied and MoE parameters (with init
+``direct``: the mapped ones by direct copies, the rest through ``load_weights``).
 
 ``{"op": "shutdown"}``: stop the receiver (the mirror is kept; ``init`` again with the version the engine holds).
 
@@ -31,7 +54,8 @@ All-or-nothing: everything that can fail is checked before the model is touched 
 refused, not superseded, digest when required), and the workers of a TP group exchange their go / no-go first (one
 small all-gather on SGLang's TP CPU group), so every worker applies the version or none does. If ``load_weights``
 raises part way, the worker loads the same tensors again from the mirror (which holds the new version, verified):
-when that succeeds it holds the new version; otherwise it is reported **inconsistent** (``broken``) and the next apply
+when that succeeds it holds the new version (with ``direct``: a failure in the direct copies is handled the same way,
+and the second attempt loads every tensor through ``load_weights``); otherwise it is reported **inconsistent** (``broken``) and the next apply
 loads every tensor.
 
 Failures never raise out of :func:`load`: SGLang 0.5.23 does not catch an exception from a custom loader
@@ -52,6 +76,8 @@ import weakref
 
 import torch
 
+from ...errors import InvalidArgument
+from ..runtime_map import RuntimeMap
 from ..staging import StagedMirror, offset_port
 from ..vllm.checkpoint import load_mirror, model_directory
 from ..vllm.groups import expand, group_key
@@ -60,7 +86,8 @@ from . import COMMAND, decode_command
 log = logging.getLogger(__name__)
 
 STANDARD_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-_INIT_KEYS = {"op", "listen", "token", "token_file", "version", "checkpoint", "require_digest", "stall_timeout"}
+_INIT_KEYS = {"op", "listen", "token", "token_file", "version", "checkpoint", "require_digest", "stall_timeout",
+              "direct"}
 _APPLY_KEYS = {"op", "version", "timeout"}
 
 _workers: weakref.WeakKeyDictionary[torch.nn.Module, SGLangWorker] = weakref.WeakKeyDictionary()
@@ -221,6 +248,9 @@ class SGLangWorker:
         self.last: dict = {}
         self._receiving = False
         self._lock = threading.Lock()
+        self.rmap: RuntimeMap | None = None       # init 'direct': how checkpoint tensors land in the parameters
+        self._map_params: dict = {}               # param name -> the live tensor object the map copies into
+        self.direct: dict = {"enabled": False}    # what status reports about the direct path
 
     @property
     def model(self):
@@ -235,15 +265,15 @@ class SGLangWorker:
         return {"engine": "sglang", "tp_rank": self.rank, "tp_size": self.size,
                 "address": sm.address if sm is not None else None,
                 "receiver_version": sm.receiver.version if sm is not None else None,
-                "last_command": dict(self.last)}
+                "direct": dict(self.direct), "last_command": dict(self.last)}
 
     # -- init ---------------------------------------------------------------------------------------------------------
     def init(self, cmd: dict) -> dict:
         with self._lock:
             self.rank, self.size, self.offset, group = _tp()
-            staged, problem, where = None, None, None
+            staged, problem, where, learned = None, None, None, None
             try:
-                staged, where = self._start(cmd)
+                staged, where, learned = self._start(cmd)
             except Exception as exc:          # noqa: BLE001 - reported after the exchange, on every rank
                 problem = f"{type(exc).__name__}: {exc}" if not isinstance(exc, CommandError) else str(exc)
             problems = _agree(problem, group)
@@ -254,10 +284,19 @@ class SGLangWorker:
                 self.last = {"op": "init", "ok": False, "message": msg}
                 return {"ok": False, "message": msg}
             self.staged, self._receiving = staged, True
+            if learned is None:
+                self.rmap, self._map_params, self.direct = None, {}, {"enabled": False}
+            else:
+                self.rmap, self._map_params, self.direct = learned
             msg = (f"sparsesync: worker tp_rank {self.rank}/{self.size} receiving on {staged.address} at version "
                    f"{staged.version}; mirror of {len(staged.mirror)} tensors from {where}")
+            if learned is not None:
+                d = self.direct
+                msg += (f"; direct: {d['mapped']} tensors mapped to direct copies, {d['unmapped']} through "
+                        f"load_weights (learned in {d['learn_s']:.3f} s, map {d['map_bytes']} bytes)")
             self.last = {"op": "init", "ok": True, "version": staged.version}
-            return {"ok": True, "message": msg, "address": staged.address, "version": staged.version}
+            return {"ok": True, "message": msg, "address": staged.address, "version": staged.version,
+                    "direct": dict(self.direct)}
 
     def _start(self, cmd: dict):
         bad = sorted(set(cmd) - _INIT_KEYS)
@@ -288,6 +327,14 @@ class SGLangWorker:
         require_digest = cmd.get("require_digest", False)
         if not isinstance(require_digest, bool):
             raise CommandError(f"init 'require_digest' must be true or false, got {require_digest!r}")
+        direct = cmd.get("direct", False)
+        if not isinstance(direct, bool):
+            raise CommandError(f"init 'direct' must be true or false, got {direct!r}")
+        if direct and callable(getattr(self.model, "post_load_weights", None)):
+            raise CommandError(f"init 'direct' refused: {type(self.model).__name__} has post_load_weights (state "
+                               "derived from the loaded parameters, e.g. DeepSeek MLA's w_kc / w_vc, which the "
+                               "runtime map cannot see and direct copies would leave stale); initialise without "
+                               "'direct'")
         if self.staged is not None:
             sm = self.staged
             if self._receiving:
@@ -313,8 +360,40 @@ class SGLangWorker:
             mirror, where = load_mirror(path), str(path)
         staged = StagedMirror(mirror, listen=offset_port(listen, self.offset), token=token, version=version,
                               stall_timeout=stall, require_digest=require_digest, status=self.status)
+        # learn before the receiver starts: no push can change the mirror while the loader runs over it
+        learned = self._learn(staged) if direct else None
         staged.start()
-        return staged, where
+        return staged, where, learned
+
+    def _learn(self, staged: StagedMirror) -> tuple:
+        """Learn the :class:`RuntimeMap` by loading every mirror tensor once through ``load_weights`` (the engine's
+        weights equal the mirror here, so this changes nothing). Returns (map, its parameters, status figures)."""
+        model = self.model
+        with staged.receiver.hold() as held:
+            if held != staged.version or staged.broken is not None:
+                raise CommandError(f"init 'direct' refused: the mirror holds version {held} but the engine is at "
+                                   f"version {staged.version}{' (inconsistent)' if staged.broken else ''}; learning "
+                                   "would load weights the engine does not hold")
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    rmap = RuntimeMap.learn(model, staged.mirror, load=lambda pairs: model.load_weights(pairs))
+            except Exception as exc:
+                raise CommandError(f"init 'direct': learning the runtime map failed ({type(exc).__name__}: {exc}); "
+                                   "initialise without 'direct'") from exc
+            learn_s = time.perf_counter() - t0
+        params = {c.param_name: c.param for copies in rmap.mapped.values() for c in copies}
+        info = {"enabled": True, "mapped": sum(1 for c in rmap.mapped.values() if c),
+                "unmapped": len(rmap.unmapped) + sum(1 for c in rmap.mapped.values() if not c),
+                "copies": sum(len(c) for c in rmap.mapped.values()), "learn_s": round(learn_s, 4),
+                "map_bytes": rmap.nbytes_of_map, "off": None}
+        if rmap.unmapped:
+            why = {}
+            for n, r in rmap.unmapped.items():
+                why.setdefault(r, n)
+            log.info("sparsesync: direct: %d tensors go through load_weights, e.g. %s",
+                     info["unmapped"], "; ".join(f"{n}: {r}" for r, n in list(why.items())[:3]))
+        return rmap, params, info
 
     # -- apply --------------------------------------------------------------------------------------------------------
     def apply(self, cmd: dict) -> dict:
@@ -349,23 +428,28 @@ class SGLangWorker:
                 sm.failed(plan, msg, consistent=True)
                 return self._fail(version, msg)
             t1 = time.perf_counter()
-            failure, note = None, ""
+            failure, note, figs = None, "", {}
             try:
-                self._load(plan.names)
+                figs = self._load(plan.names, figs)
             except Exception as exc:
-                log.exception("sparsesync: load_weights failed part way; loading the same tensors again")
+                stage = figs.get("stage", "load_weights")
+                log.exception("sparsesync: %s failed part way; loading the same tensors again through load_weights",
+                              stage)
                 first = f"{type(exc).__name__}: {exc}"
                 try:
-                    self._load(plan.names)
-                    note = f" (the first load failed part way ({first}); loading the same tensors again succeeded)"
+                    # the recovery path is the model's own loader for every tensor (never the map)
+                    figs = self._load(plan.names, {}, direct=False)
+                    note = (f" (the first load failed part way in {stage} ({first}); loading the same tensors "
+                            "again through load_weights succeeded)")
                 except Exception as exc2:     # noqa: BLE001
-                    failure = (f"load_weights failed part way ({first}) and loading the same tensors again failed "
-                               f"too ({type(exc2).__name__}: {exc2}): the weights of this worker are INCONSISTENT; "
-                               "the next apply loads every tensor")
+                    failure = (f"{stage} failed part way ({first}) and loading the same tensors again through "
+                               f"load_weights failed too ({type(exc2).__name__}: {exc2}): the weights of this "
+                               "worker are INCONSISTENT; the next apply loads every tensor")
             apply_s = time.perf_counter() - t1
+            figs.pop("stage", None)
             modules = len({group_key(n, self.packed, self.aliases) for n in plan.names})
             if failure is None:
-                sm.applied(plan, apply_s=round(apply_s, 4), modules=modules, tp_rank=self.rank)
+                sm.applied(plan, apply_s=round(apply_s, 4), modules=modules, tp_rank=self.rank, **figs)
             else:
                 sm.failed(plan, f"sparsesync: {failure}", consistent=False)
             problems = _agree(failure, group)
@@ -375,12 +459,13 @@ class SGLangWorker:
                 sm.error = msg            # this worker holds the new version; another one does not
             return self._fail(version, msg)
         msg = (f"sparsesync: applied version {plan.version} on tp_rank {self.rank}: {len(plan.changed)} changed "
-               f"tensors -> {len(plan.names)} loaded ({modules} modules) in {apply_s:.3f} s (waited "
-               f"{plan.wait_s:.3f} s); digest {sm.digest}{note}")
+               f"tensors -> {len(plan.names)} loaded ({modules} modules; {figs['direct_tensors']} by direct copies "
+               f"in {figs['direct_s']:.3f} s, {figs['loader_tensors']} through load_weights in "
+               f"{figs['loader_s']:.3f} s) in {apply_s:.3f} s (waited {plan.wait_s:.3f} s); digest {sm.digest}{note}")
         self.last = {"op": "apply", "ok": True, "version": plan.version}
         return {"ok": True, "message": msg, "version": plan.version, "digest": sm.digest,
                 "changed": len(plan.changed), "loaded": len(plan.names), "modules": modules,
-                "apply_s": round(apply_s, 4), "wait_s": round(plan.wait_s, 4)}
+                "apply_s": round(apply_s, 4), "wait_s": round(plan.wait_s, 4), **figs}
 
     def shutdown(self) -> dict:
         with self._lock:
@@ -397,11 +482,57 @@ class SGLangWorker:
     def _expand(self, changed: set) -> list[str]:
         return expand(changed, self.staged.names, self.packed, self.aliases)
 
-    def _load(self, names: list[str]) -> None:
-        mirror = self.staged.mirror
+    def _load(self, names: list[str], figs: dict, direct: bool = True) -> dict:
+        """Load ``names`` from the mirror: the mapped ones by direct copies (``init`` with ``direct``; the map is
+        checked before any copy), the others through ``load_weights``. Fills and returns ``figs`` (counts and
+        seconds of each path; ``figs["stage"]`` names the path that was running if this raises)."""
+        mirror, model = self.staged.mirror, self.model
+        chosen: list[str] = []
+        t0 = time.perf_counter()
         with torch.no_grad():
-            # a fresh view per tensor: loaders may narrow it or set attributes on it, never on the mirror itself
-            self.model.load_weights([(n, mirror[n].view_as(mirror[n])) for n in names])
+            if direct and self.rmap is not None:
+                figs["stage"] = "the direct copies"
+                stale = self._stale(model)
+                if stale is None:
+                    mapped = self.rmap.mapped
+                    chosen = [n for n in names if mapped.get(n)]   # a name mapped to no copy goes to the loader
+                    try:
+                        left = self.rmap.apply(mirror, chosen)     # checks everything, then copies
+                    except InvalidArgument as exc:                 # refused before any copy: nothing touched
+                        stale, chosen = str(exc), []
+                    else:
+                        if left:                                   # not expected: they were chosen as mapped
+                            chosen = [n for n in chosen if n not in set(left)]
+                if stale is not None:
+                    self._direct_off(stale)
+            t1 = time.perf_counter()
+            picked = set(chosen)
+            rest = [n for n in names if n not in picked]
+            figs["stage"] = "load_weights"
+            if rest or not chosen:
+                # a fresh view per tensor: loaders may narrow it or set attributes on it, never on the mirror itself
+                model.load_weights([(n, mirror[n].view_as(mirror[n])) for n in rest])
+            t2 = time.perf_counter()
+        figs.update(direct_tensors=len(chosen), loader_tensors=len(rest), direct_s=round(t1 - t0, 4),
+                    loader_s=round(t2 - t1, 4))
+        figs.pop("stage", None)
+        return figs
+
+    def _stale(self, model) -> str | None:
+        """Why the map no longer describes ``model`` (a parameter object replaced since learning), else None.
+        (:meth:`RuntimeMap.apply` itself catches a replaced ``param.data``, not a replaced Parameter object.)"""
+        live = dict(model.named_parameters())
+        live.update(model.named_buffers())
+        for pname, t in self._map_params.items():
+            if live.get(pname) is not t:
+                return f"model tensor {pname!r} was replaced since the map was learned"
+        return None
+
+    def _direct_off(self, why: str) -> None:
+        log.warning("sparsesync: direct copies turned off (%s); every tensor goes through load_weights until the "
+                    "next init with 'direct'", why)
+        self.rmap, self._map_params = None, {}
+        self.direct = {**self.direct, "enabled": False, "off": why}
 
 
 def _agree(problem: str | None, group) -> list[tuple[int, str]]:
