@@ -481,3 +481,24 @@ def test_strided_mirror_tensors_and_empty():
     assert rmap.verify(ck) == []
     assert torch.equal(ints(m.p.data[:4]), ints(ck["t"].contiguous()))
     assert torch.equal(ints(m.p.data[4:8, :4]), ints(ck["s"]))
+
+
+def test_apply_refuses_a_parameter_replaced_by_a_new_object():
+    """A new Parameter object (not only new .data) under a mapped name: apply must refuse, never copy into the
+    orphaned old tensor."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16), requires_grad=False)
+
+        def load_weights(self, pairs):
+            for _, t in pairs:
+                self.w.data.copy_(t)
+
+    m = M()
+    mirror = {"w": torch.randn(4, 4).to(torch.bfloat16)}
+    rmap = RuntimeMap.learn(m, mirror, load=m.load_weights)
+    assert list(rmap.mapped) == ["w"]
+    m.w = nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16), requires_grad=False)
+    with pytest.raises(InvalidArgument, match="no longer the object"):
+        rmap.apply(mirror, ["w"])

@@ -53,6 +53,7 @@ tensors it saw: :meth:`apply` refuses when a parameter's storage, or a mirror te
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,6 +316,7 @@ class RuntimeMap:
         self.unmapped: dict[str, str] = unmapped
         self._layout = layout        # name -> (dtype, shape, stride) of the mirror tensor the map was learned on
         self._storage = {}           # param_name -> (device, storage address) seen when learning
+        self._model = None           # weakref to the model learned on: its tensors must still be the ones recorded
         for copies in mapped.values():
             for c in copies:
                 self._storage[c.param_name] = _key(c.param.data)
@@ -384,6 +386,7 @@ class RuntimeMap:
                 del mapped[n]
         cls._refuse_overlaps(mapped, unmapped, writes, exact_limit)
         rmap = cls(mapped, unmapped, layout)
+        rmap._model = weakref.ref(model)
         for n in rmap.verify(mirror, list(mapped)):
             rmap.unmapped[n] = "map did not reproduce the loader (verify found different runtime bytes)"
             del rmap.mapped[n]
@@ -457,6 +460,13 @@ class RuntimeMap:
 
     # ------------------------------------------------------------------ use
     def _check(self, mirror: dict, names: list) -> None:
+        live = None
+        if self._model is not None:
+            model = self._model()
+            if model is None:
+                raise InvalidArgument("the model this map was learned on no longer exists; learn again")
+            live = dict(model.named_parameters(remove_duplicate=False))
+            live.update(model.named_buffers(remove_duplicate=False))
         for n in names:
             if n not in mirror:
                 raise InvalidArgument(f"name {n!r} is not in the mirror")
@@ -467,6 +477,9 @@ class RuntimeMap:
                     raise InvalidArgument(f"mirror[{n!r}] has layout {got}, the map was learned on "
                                           f"{self._layout[n]}; learn again")
                 for c in self.mapped[n]:
+                    if live is not None and live.get(c.param_name) is not c.param:
+                        raise InvalidArgument(f"model tensor {c.param_name!r} is no longer the object the map was "
+                                              f"learned on (a new Parameter or buffer); learn again")
                     if _key(c.param.data) != self._storage[c.param_name]:
                         raise InvalidArgument(f"model tensor {c.param_name!r} was replaced since the map was "
                                               f"learned; learn again")
