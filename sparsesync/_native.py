@@ -449,3 +449,141 @@ def tree64_many(tensors: list[torch.Tensor], ptrs: np.ndarray | None = None,
     rc = lib.ss2_tree64_many(ptrs.ctypes.data, lens.ctypes.data, count, out.ctypes.data, config.threads())
     _check(rc, "ss2_tree64_many")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# host/device per-chunk coders (csrc/ss_hd.h through csrc/chunk_hd.cpp): the scalar code the CUDA kernels run, with
+# the arguments and results of encode2 / decode2. Optional symbols: a library built before them still loads (they are
+# not in _SIGNATURES); hd_available() says whether the loaded one has them.
+
+_HD_SIGNATURES = {
+    "ss2_hd_encode": _SIGNATURES["ss2_encode"],
+    "ss2_hd_decode": _SIGNATURES["ss2_decode"],
+    "ss2_hd_h64": (ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64]),
+    "ss2_hd_tree64": (ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]),
+    "ss2_hd_tree64_leaves": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64]),
+    "ss2_hd_cuda_compiled": (ctypes.c_int, []),
+}
+
+
+def _hd_bind():
+    if lib is None:
+        return "native library not available"
+    missing = [name for name in _HD_SIGNATURES if not hasattr(lib, name)]
+    if missing:
+        return f"{path} lacks {', '.join(missing)} (built before csrc/chunk_hd.cpp: rebuild)"
+    for name, (res, args) in _HD_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return None
+
+
+hd_load_error = _hd_bind()
+
+
+def hd_available() -> bool:
+    """Whether the loaded library has the ss2_hd_* entry points (else ``hd_load_error`` says why)."""
+    return hd_load_error is None
+
+
+def _hd_fn(name: str):
+    if hd_load_error is not None:
+        raise KernelError(-1, f"{name}: {hd_load_error}")
+    return getattr(lib, name)
+
+
+def hd_encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
+               nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
+    """encode2 through the host/device per-chunk coders (same arguments, same result)."""
+    fn = _hd_fn("ss2_hd_encode")
+    _check_pair(old, new)
+    if positions is not None:
+        positions = _idx_arg(positions)
+        if nchanged_hint is None:
+            nchanged_hint = positions.numel()
+    op, offs, npc, _k1 = _space_args(old)
+    nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
+    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
+    K = ncuts + 1
+    f = _freqs_arg(freqs, K)
+    w = old.w
+    C = 1 << log2c
+    nch = max(0, -(-(end - start) // C))
+    hint = (end - start) if nchanged_hint is None else max(0, min(int(nchanged_hint), end - start))
+    gaps = hint + K * min(nch, max(hint, 1))
+    data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
+    table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
+    ks = np.zeros(K, dtype=np.int32)
+    tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+    vh = ctypes.c_uint64()
+    if positions is None:
+        pos_p, npos = None, 0
+    else:
+        pos_p, npos = (_ptr(positions) if positions.numel() else _EMPTY_POS.ctypes.data), positions.numel()
+    for _attempt in range(2):
+        table = np.empty(table_cap, dtype=np.uint8)
+        data = np.empty(data_cap, dtype=np.uint8)
+        rc = fn(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts, f.ctypes.data,
+                table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data, data_cap, ctypes.byref(dlen),
+                ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out), int(bool(update_old)), pos_p, npos,
+                config.threads())
+        if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
+            table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)
+            continue
+        break
+    _check(rc, "ss2_hd_encode")
+    return (table[: tlen.value].tobytes(), data[: dlen.value].tobytes(),
+            [None if k < 0 else int(k) for k in ks.tolist()], int(vh.value), int(nch_out.value))
+
+
+def hd_decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks, freqs, nchanged: int,
+               expected_hash: int, idx_out: torch.Tensor | None = None, val_out: torch.Tensor | None = None):
+    """decode2 through the host/device per-chunk coders (same arguments, same result)."""
+    fn = _hd_fn("ss2_hd_decode")
+    op, offs, npc, _k1 = _space_args(old)
+    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
+    K = ncuts + 1
+    if len(ks) != K:
+        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
+    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
+    if (ks_arr < -1).any():
+        raise KernelError(-2, "negative Rice parameter")
+    f = _freqs_arg(freqs, K)
+    p, seg_len, _keep = _bufptr(seg)
+    w = old.w
+    if nchanged < 0:
+        raise KernelError(-6, "negative nchanged")
+    idx = torch.empty(nchanged, dtype=torch.int64) if idx_out is None else idx_out
+    vals = torch.empty(nchanged * w, dtype=torch.uint8) if val_out is None else val_out
+    if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()) \
+            or idx.dtype != torch.int64 or vals.dtype != torch.uint8:
+        raise KernelError(-1, "output buffers have the wrong size or type")
+    rc = fn(p, seg_len, table_len, op, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
+            ks_arr.ctypes.data, f.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF,
+            _ptr(idx) if nchanged else None, _ptr(vals) if nchanged else None, config.threads())
+    _check(rc, "ss2_hd_decode")
+    return idx, vals
+
+
+def hd_h64(data, seed: int) -> int:
+    p, n, _keep = _bufptr(data)
+    return int(_hd_fn("ss2_hd_h64")(p, n, seed & 0xFFFFFFFFFFFFFFFF))
+
+
+def hd_tree64(data) -> int:
+    """tree64 through the shared leaf hash (sshd::tree64_leaf / tree64_top)."""
+    p, n, _keep = _bufptr(data)
+    return int(_hd_fn("ss2_hd_tree64")(p, n, config.threads()))
+
+
+def hd_tree64_leaves(data) -> np.ndarray:
+    p, n, _keep = _bufptr(data)
+    nl = 1 if n == 0 else -(-n // 4096)
+    out = np.zeros(nl, dtype=np.uint64)
+    _check(_hd_fn("ss2_hd_tree64_leaves")(p, n, out.ctypes.data, nl), "ss2_hd_tree64_leaves")
+    return out
+
+
+def hd_cuda_compiled() -> bool:
+    """Whether the ss2_hd_cuda_* kernels (csrc/chunk_hd_device.cu) are in the loaded library."""
+    return hd_available() and bool(lib.ss2_hd_cuda_compiled())
