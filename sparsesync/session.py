@@ -839,6 +839,7 @@ class Sender:
         """Relay an update received elsewhere (its buckets) to the peers; ``state`` is the relay's applied state."""
         t0 = time.perf_counter()
         self._connect_all(t0 + self.timeout)
+        self._adopt_pending(state, t0 + self.timeout)      # empty downstream receivers take the relay's layout
         feed = _Feed(None, buckets)
         stats = self._deliver(feed, t0, state, base, version, "full" if base is None else "delta", False)
         if base is not None:

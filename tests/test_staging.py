@@ -249,3 +249,21 @@ def test_staged_mirror_with_an_adopted_layout_loads_everything_first():
 def test_staged_mirror_refuses_an_empty_mirror_without_adoption():
     with pytest.raises(InvalidArgument, match="empty"):
         StagedMirror({}, listen="tcp://127.0.0.1:0", token=TOKEN)
+
+
+def test_a_relay_and_its_downstream_can_both_start_empty():
+    src = _state(3)
+    down, mid = {}, {}
+    rd = ss.Receiver(down, "tcp://127.0.0.1:0", token=TOKEN, adopt_layout=True).start()
+    rm = ss.Receiver(mid, "tcp://127.0.0.1:0", token=TOKEN, adopt_layout=True, forward_to=[rd.address]).start()
+    try:
+        s = ss.Sender([rm.address], token=TOKEN, digest=True, progress=False)
+        for v in (1, 2):
+            _touch(src, "model.layers.0.mlp.down_proj.weight", v, float(v))
+            assert s.push(src, v).ok
+            assert rd.wait_for(v, 10)
+            _same(down, src)
+            _same(mid, src)
+    finally:
+        rm.stop()
+        rd.stop()
