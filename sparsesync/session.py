@@ -237,11 +237,18 @@ class Receiver:
                 raise wire.ProtocolError(f"{ch.peer}: LAYOUT_SET, but this receiver does not adopt a layout "
                                          "(it has one)")
             tensors = {}
+            total = 0
             for name, dt, shape in layout:
                 dtype = BY_NAME.get(dt)
                 if dtype is None or any(x < 0 for x in shape) or name in tensors:
                     raise wire.ProtocolError(f"{ch.peer}: LAYOUT_SET entry {name!r} {dt} {list(shape)} is invalid")
-                tensors[name] = torch.zeros(shape, dtype=dtype)
+                total += math.prod(shape) * dtype.itemsize
+            try:
+                for name, dt, shape in layout:
+                    tensors[name] = torch.zeros(shape, dtype=BY_NAME[dt])
+            except (RuntimeError, MemoryError) as exc:
+                raise wire.ProtocolError(f"{ch.peer}: cannot allocate the sender's layout ({len(layout)} tensors, "
+                                         f"{total} bytes): {exc}") from None
             decoder = Decoder(tensors, self.decoder.version, verify_digest=self.decoder.verify_digest)
             self._adopt_into.update(tensors)
             self.decoder = decoder

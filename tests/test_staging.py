@@ -267,3 +267,22 @@ def test_a_relay_and_its_downstream_can_both_start_empty():
     finally:
         rm.stop()
         rd.stop()
+
+
+def test_a_layout_that_cannot_be_allocated_is_refused_and_changes_nothing():
+    mirror = {}
+    r = ss.Receiver(mirror, "tcp://127.0.0.1:0", token=TOKEN, adopt_layout=True).start()
+    try:
+        host, port = r.address[len("tcp://"):].rsplit(":", 1)
+        ch = wire.Channel(socket.create_connection((host, int(port)), timeout=5), peer="test")
+        wire.client_handshake(ch, wire.token_bytes(TOKEN), 5)
+        ch.send(wire.LAYOUT_SET, wire.pack_layout([("ok", "float32", (2,)), ("huge", "float32", (1 << 40, 1 << 20))]))
+        with pytest.raises(ss.SparseSyncError):
+            ch.recv((wire.WELCOME,))
+        ch.close()
+        assert mirror == {} and any("cannot allocate" in e for e in r.errors)
+        assert ss.probe(r.address, token=TOKEN)["adopt"] is True     # still empty, still adopting
+        ss.Sender([r.address], token=TOKEN, progress=False).push(_state(), 1)
+        _same(mirror, _state())
+    finally:
+        r.stop()
