@@ -587,3 +587,66 @@ def hd_tree64_leaves(data) -> np.ndarray:
 def hd_cuda_compiled() -> bool:
     """Whether the ss2_hd_cuda_* kernels (csrc/chunk_hd_device.cu) are in the loaded library."""
     return hd_available() and bool(lib.ss2_hd_cuda_compiled())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA versions of the format-2 calls (csrc/device2.cu, compiled only with SPARSESYNC_CUDA): device pointers for the
+# data and the space tables, host pointers for the small inputs and outputs, a cudaStream_t as void*. Optional symbols,
+# bound like _HD_SIGNATURES: a library without them still loads; sparsesync.kernels_cuda wraps them.
+
+_vp, _i64, _u64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+_CUDA_SIGNATURES = {
+    "ss2_cuda_abi": (_int, []),
+    "ss2_cuda_device_count": (_int, []),
+    "ss2_cuda_error_string": (ctypes.c_char_p, [_int]),
+    # old_ptrs, new_ptrs, offs, npieces, n, w, kb, mode, counts, hist, keys, pieces, total, stream
+    "ss2_cuda_scan": (_int, [_vp, _vp, _vp, _i64, _i64, _int, _int, _int, _vp, _vp, _vp, _vp, _vp, _vp]),
+    # old_ptrs, new_ptrs, offs, npieces, n, w, start, end, count, stream
+    "ss2_cuda_count": (_int, [_vp, _vp, _vp, _i64, _i64, _int, _i64, _i64, _vp, _vp]),
+    # old_ptrs, new_ptrs, offs, npieces, n, w, start, end, pos_out, nsel, temp, temp_bytes, stream
+    "ss2_cuda_positions": (_int, [_vp, _vp, _vp, _i64, _i64, _int, _i64, _i64, _vp, _vp, _vp, _c_u64p, _vp]),
+    # old_ptrs, new_ptrs, offs, npieces, n, w, kb, mode, start, end, log2c, cuts, ncuts, freqs, table_out, table_cap,
+    # table_len, data_out, data_cap, data_len, ks_out, values_hash, nchanged, update_old, positions, npositions,
+    # scratch, scratch_bytes, stream
+    "ss2_cuda_encode": (_int, [_vp, _vp, _vp, _i64, _i64, _int, _int, _int, _i64, _i64, _int, _vp, _int, _vp, _vp,
+                               _i64, _c_i64p, _vp, _i64, _c_i64p, _vp, _c_u64p, _c_i64p, _int, _vp, _i64, _vp,
+                               _c_u64p, _vp]),
+    # seg, seg_len, table_len, old_ptrs, offs, npieces, n, w, kb, mode, start, end, log2c, cuts, ncuts, ks, freqs,
+    # nchanged, expected_hash, idx_out, val_out, scratch, scratch_bytes, stream
+    "ss2_cuda_decode": (_int, [_vp, _i64, _i64, _vp, _vp, _i64, _i64, _int, _int, _int, _i64, _i64, _int, _vp, _int,
+                               _vp, _vp, _i64, _u64, _vp, _vp, _vp, _c_u64p, _vp]),
+    # ptrs, offs, npieces, n, w, start, end, buf, stream
+    "ss2_cuda_gather": (_int, [_vp, _vp, _i64, _i64, _int, _i64, _i64, _vp, _vp]),
+    "ss2_cuda_put": (_int, [_vp, _vp, _i64, _i64, _int, _i64, _i64, _vp, _vp]),
+    # ptrs, offs, npieces, n, w, idx, vals, count, touched, status, stream
+    "ss2_cuda_scatter": (_int, [_vp, _vp, _i64, _i64, _int, _vp, _vp, _i64, _vp, _vp, _vp]),
+    # ptrs, offs, npieces, n, w, idx, d, new_out, count, negate, touched, status, stream
+    "ss2_cuda_add_scatter": (_int, [_vp, _vp, _i64, _i64, _int, _vp, _vp, _vp, _i64, _int, _vp, _vp, _vp]),
+    # ptrs, offs, npieces, n, w, idx, out, count, status, stream
+    "ss2_cuda_take": (_int, [_vp, _vp, _i64, _i64, _int, _vp, _vp, _i64, _vp, _vp]),
+    # ptrs, lens, base, count, nleaves, leaves, out, stream
+    "ss2_cuda_tree64_many": (_int, [_vp, _vp, _vp, _i64, _u64, _vp, _vp, _vp]),
+    # data, len, leaves, out, stream
+    "ss2_cuda_tree64": (_int, [_vp, _u64, _vp, _vp, _vp]),
+}
+
+
+def _cuda_bind():
+    if lib is None:
+        return f"native library not available ({load_error})"
+    missing = [name for name in _CUDA_SIGNATURES if not hasattr(lib, name)]
+    if missing:
+        return (f"{path} has no CUDA kernels ({len(missing)} ss2_cuda_* symbols missing: built without CUDA; "
+                "rebuild with SPARSESYNC_CUDA=1 and nvcc)")
+    for name, (res, args) in _CUDA_SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return None
+
+
+cuda_load_error = _cuda_bind()
+
+
+def cuda_kernels_compiled() -> bool:
+    """Whether the loaded library has the ss2_cuda_* calls (else ``cuda_load_error`` says why)."""
+    return cuda_load_error is None

@@ -1,0 +1,491 @@
+"""The format-2 kernel calls on CUDA tensors (csrc/device2.cu through the ss2_cuda_* symbols of the native library).
+
+Every function is named and called like its CPU counterpart in :mod:`sparsesync._native` (``scan2``, ``encode2``,
+``decode2``, ``gather2``, ``put2``, ``scatter2``, ``add_scatter2``, ``take2``, ``tree64_many``) but takes
+:class:`~sparsesync.space.Space` objects whose tensors live on one CUDA device, and returns the same results:
+
+- what the planner needs comes back on the host exactly as the CPU call returns it (``scan2``'s counts, histogram,
+  keys, total and per-tensor counts as numpy arrays; ``encode2``'s chunk table and data as ``bytes``, ``ks``, values
+  hash, count; ``tree64_many``'s hashes as a numpy array);
+- changed positions, decoded indices and values, gathered and taken bytes stay on the device (CUDA tensors: int64
+  indices, uint8 bytes); index and byte arguments may be CUDA tensors, or CPU tensors / bytes (copied over).
+
+Work is enqueued on PyTorch's current stream of the space's device and scratch memory comes from PyTorch's caching
+allocator. The device copies of a space's pointer and offset tables are cached (keyed by the space's ``ptrs`` /
+``offs`` arrays; a table whose contents changed is copied again).
+
+Importing this module needs no GPU and no CUDA build: :func:`available` says whether the loaded library has the
+CUDA kernels and a CUDA device is present, :func:`unavailable_reason` says why not, and every call raises
+:class:`CudaKernelsUnavailable` with that reason when they are not.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+
+import numpy as np
+import torch
+
+from . import _native
+from .reference import KernelError
+
+
+class CudaKernelsUnavailable(RuntimeError):
+    """The CUDA kernels cannot run in this process (the message says why: no CUDA build, no device, ...)."""
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot run here (None when they can)."""
+    err = getattr(_native, "cuda_load_error", "sparsesync._native has no CUDA bindings")
+    if err is not None:
+        return f"the native library has no CUDA kernels: {err}"
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) is built without CUDA"
+    try:
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+    except Exception as exc:  # a broken driver install
+        return f"torch.cuda failed: {exc}"
+    return None
+
+
+def available() -> bool:
+    """Whether the loaded library has the ss2_cuda_* kernels AND a CUDA device is present."""
+    return unavailable_reason() is None
+
+
+def _lib():
+    why = unavailable_reason()
+    if why is not None:
+        raise CudaKernelsUnavailable(f"sparsesync CUDA kernels unavailable: {why}")
+    return _native.lib
+
+
+def _check(rc: int, what: str) -> None:
+    if rc >= 0:
+        return
+    if rc <= -1000:
+        msg = _native.lib.ss2_cuda_error_string(rc)
+        raise KernelError(rc, f"{what}: CUDA error {-1000 - rc}: {msg.decode() if msg else '?'}")
+    raise KernelError(rc, f"{what}: {_native.ERRORS.get(rc, 'error')} (code {rc})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# spaces on the device
+
+class _DevSpace:
+    __slots__ = ("ptrs_h", "offs_h", "ptrs", "offs", "device", "np", "n", "w", "kb")
+
+
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_LOCK = threading.Lock()
+_TABLES_MAX = 256
+
+
+def _space_device(sp) -> torch.device:
+    tensors = sp.tensors
+    if not tensors:
+        return torch.device("cuda", torch.cuda.current_device())
+    dev = tensors[0].device
+    if dev.type != "cuda":
+        raise KernelError(-1, f"space {sp.dtype}: tensors are on {dev}, not on a CUDA device")
+    for t in tensors:
+        if t.device != dev:
+            raise KernelError(-1, f"space {sp.dtype}: tensors on several devices ({dev}, {t.device})")
+    return dev
+
+
+def _dev(sp) -> _DevSpace:
+    """The space with device copies of its tables (cached)."""
+    key = (id(sp.ptrs), id(sp.offs))
+    with _TABLES_LOCK:
+        ent = _TABLES.get(key)
+        if ent is not None:
+            src_ptrs, src_offs, ds = ent
+            if src_ptrs is sp.ptrs and src_offs is sp.offs and np.array_equal(ds.ptrs_h, sp.ptrs) \
+                    and np.array_equal(ds.offs_h, sp.offs):
+                _TABLES.move_to_end(key)
+                return ds
+            del _TABLES[key]
+    ptrs = np.array(sp.ptrs, dtype=np.uint64, copy=True).reshape(-1)
+    offs = np.array(sp.offs, dtype=np.int64, copy=True).reshape(-1)
+    if offs.shape != (ptrs.size + 1,) or offs[0] != 0 or (np.diff(offs) < 0).any():
+        raise KernelError(-1, "space: offs must be len(ptrs) + 1 non-decreasing prefix sums from 0")
+    if ptrs.size and (ptrs % np.uint64(sp.w)).any():
+        raise KernelError(-1, f"space {sp.dtype}: a tensor address is not a multiple of the element width {sp.w}")
+    dev = _space_device(sp)
+    ds = _DevSpace()
+    ds.ptrs_h, ds.offs_h, ds.device = ptrs, offs, dev
+    ds.np, ds.n, ds.w, ds.kb = int(ptrs.size), int(offs[-1]), sp.w, sp.kb
+    ds.ptrs = torch.from_numpy(ptrs.view(np.int64).copy()).to(dev)
+    ds.offs = torch.from_numpy(offs.copy()).to(dev)
+    with _TABLES_LOCK:
+        _TABLES[key] = (sp.ptrs, sp.offs, ds)
+        while len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    return ds
+
+
+def clear_table_cache() -> None:
+    """Drop the cached device copies of space tables."""
+    with _TABLES_LOCK:
+        _TABLES.clear()
+
+
+def _pair(old, new) -> tuple[_DevSpace, _DevSpace]:
+    _native._check_pair(old, new)
+    o, n = _dev(old), _dev(new)
+    if o.device != n.device:
+        raise KernelError(-1, f"old and new spaces are on different devices ({o.device}, {n.device})")
+    return o, n
+
+
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+def _p(t) -> int | None:
+    return t.data_ptr() if t is not None and t.numel() else None
+
+
+def _idx_dev(idx, dev: torch.device) -> torch.Tensor:
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
+        raise KernelError(-1, "indices must be an int64 tensor")
+    return idx.reshape(-1).to(dev).contiguous()
+
+
+def _u8_dev(t, nbytes: int, what: str, dev: torch.device) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        if t.dtype != torch.uint8:
+            raise KernelError(-1, f"{what} must be a uint8 tensor")
+        t = t.reshape(-1).to(dev).contiguous()
+    else:
+        t = torch.from_numpy(np.frombuffer(t, dtype=np.uint8).copy()).to(dev)
+    if t.numel() != nbytes:
+        raise KernelError(-1, f"{what} has {t.numel()} bytes, expected {nbytes}")
+    return t
+
+
+def _touched_dev(touched, sp, dev: torch.device):
+    if touched is None:
+        return None
+    _native._touched_arg(touched, sp)  # the CPU call's checks
+    return torch.zeros(touched.size, dtype=torch.uint8, device=dev)
+
+
+def _touched_merge(touched, dt) -> None:
+    if touched is not None and dt is not None and dt.numel():
+        touched[dt.cpu().numpy() != 0] = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# positions
+
+def _count(lib, o: _DevSpace, n: _DevSpace, start: int, end: int, st: int) -> int:
+    cnt = torch.empty(1, dtype=torch.int64, device=o.device)
+    _check(lib.ss2_cuda_count(_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, start, end, cnt.data_ptr(), st),
+           "ss2_cuda_count")
+    return int(cnt.item())
+
+
+def _select(lib, o: _DevSpace, n: _DevSpace, start: int, end: int, count: int, st: int) -> torch.Tensor:
+    """The changed elements of [start, end) (there are `count` of them) as a CUDA int64 tensor, ascending."""
+    pos = torch.empty(count, dtype=torch.int64, device=o.device)
+    if count == 0:
+        return pos
+    nsel = torch.empty(1, dtype=torch.int64, device=o.device)
+    tb = ctypes.c_uint64(0)
+    args = (_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, start, end, pos.data_ptr(), nsel.data_ptr())
+    _check(lib.ss2_cuda_positions(*args, None, ctypes.byref(tb), st), "ss2_cuda_positions")
+    temp = torch.empty(max(1, tb.value), dtype=torch.uint8, device=o.device)
+    _check(lib.ss2_cuda_positions(*args, temp.data_ptr(), ctypes.byref(tb), st), "ss2_cuda_positions")
+    got = int(nsel.item())
+    if got != count:
+        raise KernelError(-6, f"ss2_cuda_positions: {got} changed elements, counted {count} (tensors changed "
+                          "while being encoded?)")
+    return pos
+
+
+def positions2(old, new, start: int, end: int) -> torch.Tensor:
+    """The changed elements of space range [start, end) as an ascending CUDA int64 tensor."""
+    lib = _lib()
+    o, n = _pair(old, new)
+    if not (0 <= start <= end <= o.n):
+        raise KernelError(-1, f"range [{start}, {end}) outside the space ({o.n} elements)")
+    with torch.cuda.device(o.device):
+        st = _stream(o.device)
+        return _select(lib, o, n, start, end, _count(lib, o, n, start, end, st), st)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the calls of sparsesync._native, on CUDA spaces
+
+def scan2(old, new, mode: int, positions: bool = False):
+    lib = _lib()
+    o, n = _pair(old, new)
+    nkeys = 1 << o.kb if o.kb else 1
+    nblocks = -(-o.n // 4096)
+    dev = o.device
+    with torch.cuda.device(dev):
+        st = _stream(dev)
+        counts = torch.empty(max(1, nblocks), dtype=torch.int32, device=dev)
+        # one buffer for the small outputs (one copy back): hist, keys, pieces, total
+        small = torch.empty(nkeys * 256 + nkeys + o.np + 1, dtype=torch.int64, device=dev)
+        hist_d = small[: nkeys * 256]
+        keys_d = small[nkeys * 256: nkeys * 256 + nkeys]
+        pieces_d = small[nkeys * 256 + nkeys: nkeys * 256 + nkeys + o.np]
+        total_d = small[-1:]
+        rc = lib.ss2_cuda_scan(_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, o.kb, mode, counts.data_ptr(),
+                               hist_d.data_ptr(), keys_d.data_ptr(), pieces_d.data_ptr() if o.np else None,
+                               total_d.data_ptr(), st)
+        _check(rc, "ss2_cuda_scan")
+        small_h = small.cpu().numpy()
+        counts_h = counts[:nblocks].cpu().numpy().view(np.uint32).copy()
+        hist = small_h[: nkeys * 256].view(np.uint64).reshape(nkeys, 256).copy()
+        keys = small_h[nkeys * 256: nkeys * 256 + nkeys].view(np.uint64).copy()
+        pieces = small_h[nkeys * 256 + nkeys: nkeys * 256 + nkeys + o.np].copy()
+        total = int(small_h[-1])
+        if not positions:
+            return counts_h, hist, keys, total, pieces
+        idx = None
+        if total <= _native.positions_cap(o.n):
+            idx = _select(lib, o, n, 0, o.n, total, st)
+        return counts_h, hist, keys, total, pieces, idx
+
+
+def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
+            nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
+    lib = _lib()
+    o, n = _pair(old, new)
+    dev = o.device
+    cuts_arr, cuts_p, ncuts = _native._cuts_arg(cuts)
+    K = ncuts + 1
+    f = _native._freqs_arg(freqs, K)
+    w = o.w
+    with torch.cuda.device(dev):
+        st = _stream(dev)
+        if positions is None:
+            if not (0 <= start < end <= o.n):
+                raise KernelError(-1, f"range [{start}, {end}) outside the space ({o.n} elements)")
+            positions = _select(lib, o, n, start, end, _count(lib, o, n, start, end, st), st)
+        else:
+            positions = _idx_dev(positions, dev)
+        npos = positions.numel()
+        C = 1 << log2c
+        nch = max(0, -(-(end - start) // C))
+        hint = max(0, min(npos, end - start))
+        # the capacity bounds of _native.encode2 with the exact count
+        gaps = hint + K * min(nch, max(hint, 1))
+        data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
+        table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
+        ks = np.zeros(K, dtype=np.int32)
+        tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+        vh = ctypes.c_uint64()
+        rc = 0
+        for _attempt in range(2):
+            table = np.empty(table_cap, dtype=np.uint8)
+            data = np.empty(data_cap, dtype=np.uint8)
+            sb = ctypes.c_uint64(0)
+
+            def call(scratch, sb=sb, table=table, data=data):
+                return lib.ss2_cuda_encode(
+                    _p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, w, o.kb, mode, start, end, log2c, cuts_p, ncuts,
+                    f.ctypes.data, table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data, data_cap,
+                    ctypes.byref(dlen), ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out),
+                    int(bool(update_old)), _p(positions), npos, scratch, ctypes.byref(sb), st)
+
+            rc = call(None)
+            if rc:
+                break
+            scratch = torch.empty(max(1, sb.value), dtype=torch.uint8, device=dev)
+            rc = call(scratch.data_ptr())
+            del scratch
+            if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
+                table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)
+                continue
+            break
+        _check(rc, "ss2_cuda_encode")
+        return (table[: tlen.value].tobytes(), data[: dlen.value].tobytes(),
+                [None if k < 0 else int(k) for k in ks.tolist()], int(vh.value), int(nch_out.value))
+
+
+def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks, freqs, nchanged: int,
+            expected_hash: int, idx_out: torch.Tensor | None = None, val_out: torch.Tensor | None = None):
+    lib = _lib()
+    o = _dev(old)
+    dev = o.device
+    cuts_arr, cuts_p, ncuts = _native._cuts_arg(cuts)
+    K = ncuts + 1
+    if len(ks) != K:
+        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
+    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
+    if (ks_arr < -1).any():
+        raise KernelError(-2, "negative Rice parameter")
+    f = _native._freqs_arg(freqs, K)
+    if isinstance(seg, torch.Tensor) and seg.device.type != "cpu":
+        seg = seg.cpu()  # the chunk table is parsed on the host
+    p, seg_len, _keep = _native._bufptr(seg)
+    w = o.w
+    if nchanged < 0:
+        raise KernelError(-6, "negative nchanged")
+    with torch.cuda.device(dev):
+        st = _stream(dev)
+        idx = torch.empty(nchanged, dtype=torch.int64, device=dev) if idx_out is None else idx_out
+        vals = torch.empty(nchanged * w, dtype=torch.uint8, device=dev) if val_out is None else val_out
+        if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()) \
+                or idx.dtype != torch.int64 or vals.dtype != torch.uint8 or idx.device != dev or vals.device != dev:
+            raise KernelError(-1, "output buffers have the wrong size, type or device")
+        sb = ctypes.c_uint64(0)
+
+        def call(scratch):
+            return lib.ss2_cuda_decode(p, seg_len, table_len, _p(o.ptrs), _p(o.offs), o.np, o.n, w, o.kb, mode, start,
+                                       end, log2c, cuts_p, ncuts, ks_arr.ctypes.data, f.ctypes.data, nchanged,
+                                       expected_hash & 0xFFFFFFFFFFFFFFFF, _p(idx), _p(vals), scratch,
+                                       ctypes.byref(sb), st)
+
+        rc = call(None)
+        if rc == 0:
+            scratch = torch.empty(max(1, sb.value), dtype=torch.uint8, device=dev)
+            rc = call(scratch.data_ptr())
+            del scratch
+        _check(rc, "ss2_cuda_decode")
+        return idx, vals
+
+
+def scatter2(dst, idx: torch.Tensor, vals: torch.Tensor, touched: np.ndarray | None = None) -> None:
+    lib = _lib()
+    d = _dev(dst)
+    with torch.cuda.device(d.device):
+        st = _stream(d.device)
+        idx = _idx_dev(idx, d.device)
+        vals = _u8_dev(vals, idx.numel() * d.w, "vals", d.device)
+        td = _touched_dev(touched, dst, d.device)
+        status = torch.empty(1, dtype=torch.int32, device=d.device)
+        rc = lib.ss2_cuda_scatter(_p(d.ptrs), _p(d.offs), d.np, d.n, d.w, _p(idx), _p(vals), idx.numel(), _p(td),
+                                  status.data_ptr(), st)
+        _check(rc, "ss2_cuda_scatter")
+        _touched_merge(touched, td)
+
+
+def add_scatter2(dst, idx: torch.Tensor, d: torch.Tensor, new_out: torch.Tensor | None = None, negate: bool = False,
+                 touched: np.ndarray | None = None) -> None:
+    lib = _lib()
+    ds = _dev(dst)
+    dev = ds.device
+    with torch.cuda.device(dev):
+        st = _stream(dev)
+        idx = _idx_dev(idx, dev)
+        d = _u8_dev(d, idx.numel() * ds.w, "d", dev)
+        if new_out is not None and (new_out.numel() != idx.numel() * ds.w or not new_out.is_contiguous()
+                                    or new_out.dtype != torch.uint8 or new_out.device != dev):
+            raise KernelError(-1, "new_out has the wrong size, type or device")
+        td = _touched_dev(touched, dst, dev)
+        status = torch.empty(1, dtype=torch.int32, device=dev)
+        rc = lib.ss2_cuda_add_scatter(_p(ds.ptrs), _p(ds.offs), ds.np, ds.n, ds.w, _p(idx), _p(d),
+                                      _p(new_out) if new_out is not None else None, idx.numel(), int(bool(negate)),
+                                      _p(td), status.data_ptr(), st)
+        _check(rc, "ss2_cuda_add_scatter")
+        _touched_merge(touched, td)
+
+
+def gather2(src, start: int, end: int) -> torch.Tensor:
+    lib = _lib()
+    s = _dev(src)
+    if not (0 <= start <= end <= s.n):
+        raise KernelError(-1, f"range [{start}, {end}) outside the space ({s.n} elements)")
+    with torch.cuda.device(s.device):
+        out = torch.empty((end - start) * s.w, dtype=torch.uint8, device=s.device)
+        rc = lib.ss2_cuda_gather(_p(s.ptrs), _p(s.offs), s.np, s.n, s.w, start, end, _p(out), _stream(s.device))
+        _check(rc, "ss2_cuda_gather")
+        return out
+
+
+def put2(dst, start: int, end: int, data, touched: np.ndarray | None = None) -> None:
+    lib = _lib()
+    d = _dev(dst)
+    if not (0 <= start <= end <= d.n):
+        raise KernelError(-1, f"range [{start}, {end}) outside the space ({d.n} elements)")
+    if touched is not None:
+        _native._touched_arg(touched, dst)
+    with torch.cuda.device(d.device):
+        buf = _u8_dev(data, (end - start) * d.w, "data", d.device)
+        rc = lib.ss2_cuda_put(_p(d.ptrs), _p(d.offs), d.np, d.n, d.w, start, end, _p(buf), _stream(d.device))
+        _check(rc, "ss2_cuda_put")
+        del buf  # stream ordered: the caching allocator reuses it only after the copy
+    if touched is not None and end > start:
+        lo, hi = d.offs_h[:-1], d.offs_h[1:]
+        touched[(lo < end) & (hi > start) & (hi > lo)] = 1
+
+
+def take2(src, idx: torch.Tensor) -> torch.Tensor:
+    lib = _lib()
+    s = _dev(src)
+    with torch.cuda.device(s.device):
+        idx = _idx_dev(idx, s.device)
+        out = torch.empty(idx.numel() * s.w, dtype=torch.uint8, device=s.device)
+        status = torch.empty(1, dtype=torch.int32, device=s.device)
+        rc = lib.ss2_cuda_take(_p(s.ptrs), _p(s.offs), s.np, s.n, s.w, _p(idx), _p(out), idx.numel(),
+                               status.data_ptr(), _stream(s.device))
+        _check(rc, "ss2_cuda_take")
+        return out
+
+
+def tree64_many(tensors: list[torch.Tensor], ptrs: np.ndarray | None = None,
+                nbytes: np.ndarray | None = None) -> np.ndarray:
+    """tree64 of each CUDA tensor (all on one device); as _native.tree64_many."""
+    lib = _lib()
+    count = len(tensors)
+    out = np.zeros(count, dtype=np.uint64)
+    if not count:
+        return out
+    dev = tensors[0].device
+    if dev.type != "cuda" or any(t.device != dev for t in tensors):
+        raise KernelError(-1, "tree64_many: the tensors must all be on one CUDA device")
+    keep = tensors
+    if ptrs is None or nbytes is None or len(ptrs) != count or len(nbytes) != count:
+        if not all(t.is_contiguous() for t in tensors):
+            keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        ptrs = np.fromiter((t.data_ptr() for t in keep), dtype=np.uint64, count=count)
+        nbytes = np.array([t.nbytes for t in keep], dtype=np.uint64)
+    ptrs = np.ascontiguousarray(ptrs, dtype=np.uint64)
+    lens = np.ascontiguousarray(nbytes, dtype=np.uint64)
+    if ((lens > 0) & (ptrs == 0)).any():
+        raise KernelError(-1, "ss2_cuda_tree64_many: bad argument (code -1)")
+    nl = np.where(lens == 0, np.uint64(1), (lens + np.uint64(4095)) // np.uint64(4096)).astype(np.uint64)
+    base = np.zeros(count + 1, dtype=np.uint64)
+    np.cumsum(nl, out=base[1:])
+    nleaves = int(base[-1])
+    with torch.cuda.device(dev):
+        st = _stream(dev)
+        tabs = torch.from_numpy(np.concatenate([ptrs, lens, base]).view(np.int64)).to(dev)
+        leaves = torch.empty(nleaves, dtype=torch.int64, device=dev)
+        res = torch.empty(count, dtype=torch.int64, device=dev)
+        d_ptrs, d_lens, d_base = tabs[:count], tabs[count:2 * count], tabs[2 * count:]
+        rc = lib.ss2_cuda_tree64_many(d_ptrs.data_ptr(), d_lens.data_ptr(), d_base.data_ptr(), count, nleaves,
+                                      leaves.data_ptr(), res.data_ptr(), st)
+        _check(rc, "ss2_cuda_tree64_many")
+        out[:] = res.cpu().numpy().view(np.uint64)
+        del keep
+    return out
+
+
+def tree64(data: torch.Tensor) -> int:
+    """tree64 of a contiguous CUDA tensor's bytes."""
+    lib = _lib()
+    t = data if data.is_contiguous() else data.contiguous()
+    dev = t.device
+    if dev.type != "cuda":
+        raise KernelError(-1, "tree64: not a CUDA tensor")
+    nb = t.numel() * t.element_size()
+    nl = 1 if nb == 0 else -(-nb // 4096)
+    with torch.cuda.device(dev):
+        leaves = torch.empty(nl, dtype=torch.int64, device=dev)
+        res = torch.empty(1, dtype=torch.int64, device=dev)
+        rc = lib.ss2_cuda_tree64(t.data_ptr() if nb else None, nb, leaves.data_ptr(), res.data_ptr(), _stream(dev))
+        _check(rc, "ss2_cuda_tree64")
+        return int(res.cpu().numpy().view(np.uint64)[0])
+
+
+__all__ = ["CudaKernelsUnavailable", "available", "unavailable_reason", "scan2", "encode2", "decode2", "gather2",
+           "put2", "scatter2", "add_scatter2", "take2", "tree64_many", "tree64", "positions2", "clear_table_cache"]
