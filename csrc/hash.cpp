@@ -228,4 +228,9 @@ SS_EXPORT uint64_t ss_tree64(const uint8_t* data, uint64_t len, int nthreads) {
 
 #ifndef SPARSESYNC_WITH_CUDA
 SS_EXPORT int ss_cuda_compiled(void) { return 0; }
+SS_EXPORT int ss_cuda_archs(int* out, int cap) {
+  (void)out;
+  (void)cap;
+  return 0;
+}
 #endif

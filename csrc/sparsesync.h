@@ -78,6 +78,9 @@ int ss_scatter(uint8_t* dst, int64_t n, int w, const int64_t* idx, const uint8_t
 
 /* 1 if the library was built with the CUDA sources (CMake option SPARSESYNC_CUDA), else 0. */
 int ss_cuda_compiled(void);
+/* The GPU architectures compiled in (e.g. 900 for sm_90): up to `cap` written to `out`; returns how many (0 without
+ * CUDA, -1 when the compiler did not say). */
+int ss_cuda_archs(int* out, int cap);
 
 /* SIMD paths (results are bit-identical either way; for tests and benchmarks). max_level >= 0 caps the level used
  * from now on (0 = portable code only, 1 = also AVX-512 where the CPU has it); max_level < 0 only queries.

@@ -9,6 +9,7 @@ Importing this package never initialises CUDA, NCCL, vLLM or SGLang; those load 
 """
 from .codec import ApplyStats, Decoder, Encoder, Update, UpdateStats
 from .digest import state_digest
+from .kernels import build_info
 from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType, LayoutMismatch, PushFailed,
                      RollbackRefused, SparseSyncError, VersionConflict, VersionMismatch)
 from .session import PeerResult, PushStats, Receiver, Sender, probe
@@ -17,6 +18,6 @@ from . import trainer
 __version__ = "0.1.0"
 
 __all__ = ["Encoder", "Decoder", "Update", "UpdateStats", "ApplyStats", "state_digest",
-           "Sender", "Receiver", "probe", "PushStats", "PeerResult", "trainer",
+           "Sender", "Receiver", "probe", "build_info", "PushStats", "PeerResult", "trainer",
            "SparseSyncError", "InvalidArgument", "InvalidType", "CorruptPayload", "VersionMismatch", "BaseMismatch",
            "RollbackRefused", "VersionConflict", "LayoutMismatch", "PushFailed", "__version__"]

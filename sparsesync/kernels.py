@@ -25,3 +25,37 @@ def impl():
 
 def using_native() -> bool:
     return impl() is _native
+
+
+def build_info() -> dict:
+    """What this installation can do: ``native`` (the C++ library loaded; else ``native_error`` says why and the
+    reference kernels run), ``simd`` (the CPU path in use: ``"avx512"`` or ``"portable"``), ``cuda`` (the library
+    was compiled with the CUDA sources), ``cuda_archs`` (e.g. ``[90]`` for sm_90), ``cuda_usable`` (CUDA kernels,
+    a CUDA build of PyTorch and a device are all there; else ``cuda_error`` says why), ``nccl`` (libnccl loads and a
+    device is there; else ``nccl_error``). Nothing here touches a GPU unless PyTorch's CUDA is already usable."""
+    import ctypes
+    info: dict = {"native": bool(_native.available), "native_error": _native.load_error,
+                  "reference_forced": config.get_bool("SPARSESYNC_REFERENCE"), "simd": None,
+                  "cuda": False, "cuda_archs": [], "cuda_usable": False, "cuda_error": None,
+                  "nccl": False, "nccl_error": None}
+    lib = _native.lib if _native.available else None
+    if lib is not None:
+        level = lib.ss_simd(-1)
+        info["simd"] = "avx512" if level >= 1 else "portable"
+        info["cuda"] = _native.cuda_compiled()
+        fn = getattr(lib, "ss_cuda_archs", None)
+        if fn is not None and info["cuda"]:
+            buf = (ctypes.c_int * 32)()
+            n = fn(buf, 32)
+            info["cuda_archs"] = [buf[i] // 10 for i in range(min(max(n, 0), 32))]
+    from . import kernels_cuda
+    info["cuda_usable"] = bool(kernels_cuda.available())
+    if not info["cuda_usable"]:
+        info["cuda_error"] = kernels_cuda.unavailable_reason()
+    try:
+        from .nccl import NCCLBackend
+        NCCLBackend.check()
+        info["nccl"] = True
+    except Exception as exc:          # noqa: BLE001 - reported, not raised
+        info["nccl_error"] = str(exc)
+    return info

@@ -148,3 +148,20 @@ def test_native_used_when_available():
                           "native": kernels.impl() is _native, "ok": ok}))
     """))
     assert out == {"warnings": [], "native": True, "ok": True}
+
+
+def test_build_info_says_what_this_installation_can_do():
+    import sparsesync
+    from sparsesync import _native
+    info = sparsesync.build_info()
+    assert set(info) >= {"native", "simd", "cuda", "cuda_archs", "cuda_usable", "nccl"}
+    assert info["native"] == bool(_native.available)
+    if info["native"]:
+        assert info["simd"] in ("avx512", "portable")
+        assert info["cuda"] == _native.cuda_compiled()
+        if info["cuda"]:
+            assert info["cuda_archs"] and all(isinstance(a, int) and a >= 50 for a in info["cuda_archs"])
+    if not info["cuda_usable"]:
+        assert isinstance(info["cuda_error"], str) and info["cuda_error"]
+    if not info["nccl"]:
+        assert isinstance(info["nccl_error"], str) and info["nccl_error"]
