@@ -301,6 +301,35 @@ def scan2(old, new, mode: int, positions: bool = False):
 
 def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
             nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
+    return _encode2_with(lib.ss2_encode, "ss2_encode", old, new, mode, start, end, log2c, cuts, freqs, update_old,
+                         nchanged_hint, positions)
+
+
+def encode2_caps(start: int, end: int, log2c: int, nclasses: int, w: int, nchanged_hint: int | None) -> tuple:
+    """(table, data) buffer sizes for encoding [start, end) with about ``nchanged_hint`` changes (None: every element)
+    in ``nclasses`` classes. Bounds of csrc/format2.cpp: every coded gap costs <= log2c+2 bits at the chosen k (at
+    most one gap per change plus one per class and chunk), extra bits <= 8w per change, rANS <= 2 bytes per change
+    + 4 per chunk. A hint that is too small costs one retry (the encoder reports the sizes it needs)."""
+    nch = max(0, -(-(end - start) // (1 << log2c)))
+    hint = (end - start) if nchanged_hint is None else max(0, min(int(nchanged_hint), end - start))
+    gaps = hint + nclasses * min(nch, max(hint, 1))
+    return (min(nch, max(hint, 1)) * 16 + nch + 64,
+            (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64)
+
+
+def ks_arg(ks, nclasses: int) -> np.ndarray:
+    """Per-class Rice parameters (None: the class is absent) as the int32 array the decoders take (-1 = absent)."""
+    if len(ks) != nclasses:
+        raise KernelError(-1, f"{len(ks)} Rice parameters for {nclasses} classes")
+    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
+    if (ks_arr < -1).any():
+        raise KernelError(-2, "negative Rice parameter")
+    return ks_arr
+
+
+def _encode2_with(fn, what: str, old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs,
+                  update_old: bool, nchanged_hint: int | None, positions: torch.Tensor | None):
+    """encode2 through ``fn`` (ss2_encode, or a C function with its arguments and results)."""
     _check_pair(old, new)
     if positions is not None:
         positions = _idx_arg(positions)
@@ -312,14 +341,7 @@ def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, 
     K = ncuts + 1
     f = _freqs_arg(freqs, K)
     w = old.w
-    C = 1 << log2c
-    nch = max(0, -(-(end - start) // C))
-    hint = (end - start) if nchanged_hint is None else max(0, min(int(nchanged_hint), end - start))
-    # bounds of csrc/format2.cpp: every coded gap costs <= log2c+2 bits at the chosen k (at most one gap per change
-    # plus one per class and chunk), extra bits <= 8w per change, rANS <= 2 bytes per change + 4 per chunk
-    gaps = hint + K * min(nch, max(hint, 1))
-    data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
-    table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
+    table_cap, data_cap = encode2_caps(start, end, log2c, K, w, nchanged_hint)
     ks = np.zeros(K, dtype=np.int32)
     tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
     vh = ctypes.c_uint64()
@@ -330,29 +352,32 @@ def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, 
     for _attempt in range(2):
         table = np.empty(table_cap, dtype=np.uint8)
         data = np.empty(data_cap, dtype=np.uint8)
-        rc = lib.ss2_encode(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
-                            f.ctypes.data, table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data,
-                            data_cap, ctypes.byref(dlen), ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out),
-                            int(bool(update_old)), pos_p, npos, config.threads())
+        rc = fn(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts, f.ctypes.data,
+                table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data, data_cap, ctypes.byref(dlen),
+                ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out), int(bool(update_old)), pos_p, npos,
+                config.threads())
         if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
             table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)  # the hint was too small
             continue
         break
-    _check(rc, "ss2_encode")
+    _check(rc, what)
     return (table[: tlen.value].tobytes(), data[: dlen.value].tobytes(),
             [None if k < 0 else int(k) for k in ks.tolist()], int(vh.value), int(nch_out.value))
 
 
 def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks, freqs, nchanged: int,
             expected_hash: int, idx_out: torch.Tensor | None = None, val_out: torch.Tensor | None = None):
+    return _decode2_with(lib.ss2_decode, "ss2_decode", seg, table_len, old, mode, start, end, log2c, cuts, ks, freqs,
+                         nchanged, expected_hash, idx_out, val_out)
+
+
+def _decode2_with(fn, what: str, seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks,
+                  freqs, nchanged: int, expected_hash: int, idx_out, val_out):
+    """decode2 through ``fn`` (ss2_decode, or a C function with its arguments and results)."""
     op, offs, npc, _k1 = _space_args(old)
     cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
     K = ncuts + 1
-    if len(ks) != K:
-        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
-    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
-    if (ks_arr < -1).any():
-        raise KernelError(-2, "negative Rice parameter")
+    ks_arr = ks_arg(ks, K)
     f = _freqs_arg(freqs, K)
     p, seg_len, _keep = _bufptr(seg)
     w = old.w
@@ -363,10 +388,10 @@ def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: in
     if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()) \
             or idx.dtype != torch.int64 or vals.dtype != torch.uint8:
         raise KernelError(-1, "output buffers have the wrong size or type")
-    rc = lib.ss2_decode(p, seg_len, table_len, op, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
-                        ks_arr.ctypes.data, f.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF,
-                        _ptr(idx) if nchanged else None, _ptr(vals) if nchanged else None, config.threads())
-    _check(rc, "ss2_decode")
+    rc = fn(p, seg_len, table_len, op, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
+            ks_arr.ctypes.data, f.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF,
+            _ptr(idx) if nchanged else None, _ptr(vals) if nchanged else None, config.threads())
+    _check(rc, what)
     return idx, vals
 
 
@@ -495,74 +520,15 @@ def _hd_fn(name: str):
 def hd_encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, update_old: bool = False,
                nchanged_hint: int | None = None, positions: torch.Tensor | None = None):
     """encode2 through the host/device per-chunk coders (same arguments, same result)."""
-    fn = _hd_fn("ss2_hd_encode")
-    _check_pair(old, new)
-    if positions is not None:
-        positions = _idx_arg(positions)
-        if nchanged_hint is None:
-            nchanged_hint = positions.numel()
-    op, offs, npc, _k1 = _space_args(old)
-    nptr = np.ascontiguousarray(new.ptrs, dtype=np.uint64)
-    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
-    K = ncuts + 1
-    f = _freqs_arg(freqs, K)
-    w = old.w
-    C = 1 << log2c
-    nch = max(0, -(-(end - start) // C))
-    hint = (end - start) if nchanged_hint is None else max(0, min(int(nchanged_hint), end - start))
-    gaps = hint + K * min(nch, max(hint, 1))
-    data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
-    table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
-    ks = np.zeros(K, dtype=np.int32)
-    tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
-    vh = ctypes.c_uint64()
-    if positions is None:
-        pos_p, npos = None, 0
-    else:
-        pos_p, npos = (_ptr(positions) if positions.numel() else _EMPTY_POS.ctypes.data), positions.numel()
-    for _attempt in range(2):
-        table = np.empty(table_cap, dtype=np.uint8)
-        data = np.empty(data_cap, dtype=np.uint8)
-        rc = fn(op, nptr.ctypes.data, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts, f.ctypes.data,
-                table.ctypes.data, table_cap, ctypes.byref(tlen), data.ctypes.data, data_cap, ctypes.byref(dlen),
-                ks.ctypes.data, ctypes.byref(vh), ctypes.byref(nch_out), int(bool(update_old)), pos_p, npos,
-                config.threads())
-        if rc == -6 and (tlen.value > table_cap or dlen.value > data_cap):
-            table_cap, data_cap = max(table_cap, tlen.value), max(data_cap, dlen.value)
-            continue
-        break
-    _check(rc, "ss2_hd_encode")
-    return (table[: tlen.value].tobytes(), data[: dlen.value].tobytes(),
-            [None if k < 0 else int(k) for k in ks.tolist()], int(vh.value), int(nch_out.value))
+    return _encode2_with(_hd_fn("ss2_hd_encode"), "ss2_hd_encode", old, new, mode, start, end, log2c, cuts, freqs,
+                         update_old, nchanged_hint, positions)
 
 
 def hd_decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: int, cuts, ks, freqs, nchanged: int,
                expected_hash: int, idx_out: torch.Tensor | None = None, val_out: torch.Tensor | None = None):
     """decode2 through the host/device per-chunk coders (same arguments, same result)."""
-    fn = _hd_fn("ss2_hd_decode")
-    op, offs, npc, _k1 = _space_args(old)
-    cuts_arr, cuts_p, ncuts = _cuts_arg(cuts)
-    K = ncuts + 1
-    if len(ks) != K:
-        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
-    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
-    if (ks_arr < -1).any():
-        raise KernelError(-2, "negative Rice parameter")
-    f = _freqs_arg(freqs, K)
-    p, seg_len, _keep = _bufptr(seg)
-    w = old.w
-    if nchanged < 0:
-        raise KernelError(-6, "negative nchanged")
-    idx = torch.empty(nchanged, dtype=torch.int64) if idx_out is None else idx_out
-    vals = torch.empty(nchanged * w, dtype=torch.uint8) if val_out is None else val_out
-    if idx.numel() != nchanged or vals.numel() != nchanged * w or not (idx.is_contiguous() and vals.is_contiguous()) \
-            or idx.dtype != torch.int64 or vals.dtype != torch.uint8:
-        raise KernelError(-1, "output buffers have the wrong size or type")
-    rc = fn(p, seg_len, table_len, op, offs, npc, w, old.kb, mode, start, end, log2c, cuts_p, ncuts,
-            ks_arr.ctypes.data, f.ctypes.data, nchanged, expected_hash & 0xFFFFFFFFFFFFFFFF,
-            _ptr(idx) if nchanged else None, _ptr(vals) if nchanged else None, config.threads())
-    _check(rc, "ss2_hd_decode")
-    return idx, vals
+    return _decode2_with(_hd_fn("ss2_hd_decode"), "ss2_hd_decode", seg, table_len, old, mode, start, end, log2c, cuts,
+                         ks, freqs, nchanged, expected_hash, idx_out, val_out)
 
 
 def hd_h64(data, seed: int) -> int:

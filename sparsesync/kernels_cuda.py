@@ -272,13 +272,7 @@ def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, 
         else:
             positions = _idx_dev(positions, dev)
         npos = positions.numel()
-        C = 1 << log2c
-        nch = max(0, -(-(end - start) // C))
-        hint = max(0, min(npos, end - start))
-        # the capacity bounds of _native.encode2 with the exact count
-        gaps = hint + K * min(nch, max(hint, 1))
-        data_cap = (gaps * (log2c + 2) + 7) // 8 + hint * (w + 2) + nch * 6 + 64
-        table_cap = min(nch, max(hint, 1)) * 16 + nch + 64
+        table_cap, data_cap = _native.encode2_caps(start, end, log2c, K, w, npos)   # with the exact count
         ks = np.zeros(K, dtype=np.int32)
         tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
         vh = ctypes.c_uint64()
@@ -317,11 +311,7 @@ def decode2(seg, table_len: int, old, mode: int, start: int, end: int, log2c: in
     dev = o.device
     cuts_arr, cuts_p, ncuts = _native._cuts_arg(cuts)
     K = ncuts + 1
-    if len(ks) != K:
-        raise KernelError(-1, f"{len(ks)} Rice parameters for {K} classes")
-    ks_arr = np.array([-1 if k is None else int(k) for k in ks], dtype=np.int32)
-    if (ks_arr < -1).any():
-        raise KernelError(-2, "negative Rice parameter")
+    ks_arr = _native.ks_arg(ks, K)
     f = _native._freqs_arg(freqs, K)
     if isinstance(seg, torch.Tensor) and seg.device.type != "cpu":
         seg = seg.cpu()  # the chunk table is parsed on the host
