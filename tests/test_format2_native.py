@@ -18,10 +18,15 @@ from sparsesync import _native, reference
 from sparsesync.format import build_freq
 from sparsesync.reference import E_HASH, KernelError
 from sparsesync.space import KEY_BITS, Space
+from spacegen import INT_OF_WIDTH
+from spacegen import ints as _ints
+from spacegen import mutate as _mutate
+from spacegen import random_values as _random_values
+from spacegen import sizes as _sizes
+from spacegen import width as _width
 
 pytestmark = pytest.mark.skipif(not _native.available, reason=f"native library not available: {_native.load_error}")
 
-INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
           "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8,
           "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
@@ -44,61 +49,6 @@ def threads(request, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # data
-
-def _width(dt) -> int:
-    return torch.empty(0, dtype=dt).element_size()
-
-
-def _ints(t: torch.Tensor) -> torch.Tensor:
-    """Bit patterns as a signed integer tensor of the same width (flat)."""
-    return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()])
-
-
-def _random_values(n: int, dt, g: torch.Generator) -> torch.Tensor:
-    if dt.is_floating_point:
-        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)
-        return x.to(dt)
-    if dt == torch.uint8:
-        return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
-    w = _width(dt)
-    lo, hi = (-(1 << 63), (1 << 63) - 1) if w == 8 else (-(1 << (8 * w - 1)), 1 << (8 * w - 1))
-    return torch.randint(lo, hi, (n,), generator=g, dtype=torch.int64).to(dt)
-
-
-def _mutate(old: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
-    """A copy with about `density` of the elements changed: small integer steps of the bit pattern, and some random
-    new patterns (large differences, sign flips)."""
-    new = old.clone()
-    iv = _ints(new)
-    n = iv.numel()
-    m = torch.rand(n, generator=g) < density
-    k = int(m.sum())
-    if not k:
-        return new
-    w = old.element_size()
-    small = torch.randint(1, 9, (k,), generator=g, dtype=torch.int64) * (torch.randint(0, 2, (k,), generator=g) * 2 - 1)
-    big = torch.randint(-(1 << 62), 1 << 62, (k,), generator=g, dtype=torch.int64)
-    pick = torch.rand(k, generator=g) < 0.7
-    d = torch.where(pick, small, big)
-    nv = iv[m].to(torch.int64) + d
-    nv = torch.where(nv == iv[m].to(torch.int64), nv + 1, nv)
-    if w < 8:
-        nv = nv & ((1 << (8 * w)) - 1)
-        nv = torch.where(nv >= (1 << (8 * w - 1)), nv - (1 << (8 * w)), nv)
-    iv[m] = nv.to(iv.dtype)
-    return new
-
-
-def _sizes(n_total: int, rng: random.Random, small: bool) -> list[int]:
-    sizes = []
-    left = n_total
-    while left > 0:
-        s = rng.choice([1, 2, 3, 63, 64, 65, 100, 4095, 4097, 700]) if small else rng.randint(1, 9000)
-        s = min(s, left)
-        sizes.append(s)
-        left -= s
-    return sizes
-
 
 def _spaces(dtype_name: str, sizes: list[int], density: float, seed: int):
     """(old Space, new Space) over tensors of the given sizes (names sorted = creation order)."""

@@ -26,6 +26,7 @@ from sparsesync import _native, kernels_cuda
 from sparsesync.format import build_freq
 from sparsesync.reference import KernelError
 from sparsesync.space import Space
+from spacegen import mutate, random_values
 
 SELF = os.environ.get("SPARSESYNC_GPU_SELFCHECK", "") not in ("", "0")
 SCALE = float(os.environ.get("SPARSESYNC_GPU_TEST_SCALE", "1") or 1)
@@ -43,7 +44,6 @@ def GPU(fn):
     return pytest.mark.gpu(fn)
 
 
-INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
           "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8,
           "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
@@ -58,57 +58,12 @@ def _n(k: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # data
 
-def _width(dt) -> int:
-    return torch.empty(0, dtype=dt).element_size()
-
-
-def _ints(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(INT_OF_WIDTH[t.element_size()])
-
-
 def _random_values(n: int, dt, g: torch.Generator) -> torch.Tensor:
-    if dt.is_floating_point:
-        x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)
-        t = x.to(dt)
-        if n >= 4:  # specials: NaN (two payloads), +-0, +-inf
-            k = max(1, n // 50)
-            at = torch.randint(0, n, (k,), generator=g)
-            vals = torch.tensor([float("nan"), -0.0, 0.0, float("inf"), float("-inf")])
-            t[at] = vals[torch.randint(0, 5, (k,), generator=g)].to(dt)
-            iv = _ints(t)
-            at2 = torch.randint(0, n, (max(1, k // 4),), generator=g)
-            iv[at2] = (-1 if dt != torch.float8_e4m3fn else 0x7F)  # all-ones pattern: a NaN with a full payload
-        return t
-    if dt == torch.uint8:
-        return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
-    w = _width(dt)
-    lo, hi = (-(1 << 63), (1 << 63) - 1) if w == 8 else (-(1 << (8 * w - 1)), 1 << (8 * w - 1))
-    return torch.randint(lo, hi, (n,), generator=g, dtype=torch.int64).to(dt)
+    return random_values(n, dt, g, specials=True)
 
 
 def _mutate(old: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
-    """A copy with about `density` of the elements changed: small steps of the bit pattern, random new patterns, sign
-    flips (0.0 -> -0.0, NaN -> NaN of the other sign)."""
-    new = old.clone()
-    iv = _ints(new)
-    n = iv.numel()
-    m = torch.rand(n, generator=g) < density
-    k = int(m.sum())
-    if not k:
-        return new
-    w = old.element_size()
-    small = torch.randint(1, 9, (k,), generator=g, dtype=torch.int64) * (torch.randint(0, 2, (k,), generator=g) * 2 - 1)
-    big = torch.randint(-(1 << 62), 1 << 62, (k,), generator=g, dtype=torch.int64)
-    sign = torch.full((k,), 1 << (8 * w - 1) if w < 8 else 0, dtype=torch.int64)
-    r = torch.rand(k, generator=g)
-    old_v = iv[m].to(torch.int64)
-    nv = torch.where(r < 0.6, old_v + small, torch.where(r < 0.9, old_v + big, old_v ^ sign))
-    nv = torch.where(nv == old_v, nv + 1, nv)
-    if w < 8:
-        nv = nv & ((1 << (8 * w)) - 1)
-        nv = torch.where(nv >= (1 << (8 * w - 1)), nv - (1 << (8 * w)), nv)
-    iv[m] = nv.to(iv.dtype)
-    return new
+    return mutate(old, density, g, flips=True)
 
 
 class Case:
