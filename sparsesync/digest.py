@@ -122,12 +122,6 @@ def state_digest(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.T
         if fast is not None:
             return fast
     items = _items(state)
-    tensors = []
-    for _, t in items:
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        tensors.append(t.contiguous())
     key = tuple((n, t.dtype, t.shape) for n, t in items)
     plan = _plans.get(key)
     if plan is None:
@@ -135,7 +129,29 @@ def state_digest(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.T
         if len(_plans) >= 8:
             _plans.clear()
         _plans[key] = plan
-    return plan.digest(impl().tree64_many(tensors))
+    return plan.digest(_tree64_all([t.detach() for _, t in items]))
+
+
+def _tree64_all(tensors: list) -> np.ndarray:
+    """tree64 of each tensor, in order: CPU tensors with the CPU kernels; tensors on a CUDA device with the CUDA
+    kernels when they are usable (one call per device, no host copy), else copied to the host."""
+    out = np.zeros(len(tensors), dtype=np.uint64)
+    by_dev: dict = {}
+    for i, t in enumerate(tensors):
+        by_dev.setdefault(t.device, []).append(i)
+    cuda = None
+    for dev, idx in by_dev.items():
+        ts = [tensors[i].contiguous() for i in idx]
+        if dev.type == "cuda":
+            if cuda is None:
+                from . import kernels_cuda as cuda
+            if cuda.available():
+                out[idx] = cuda.tree64_many(ts)
+                continue
+        if dev.type != "cpu":
+            ts = [t.cpu() for t in ts]
+        out[idx] = impl().tree64_many(ts)
+    return out
 
 
 def layout_digest(layout) -> bytes:

@@ -539,3 +539,21 @@ def test_unavailable_without_gpu_says_why():
         with pytest.raises(kernels_cuda.CudaKernelsUnavailable) as ei:
             fn(*args)
         assert why in str(ei.value)
+
+
+@GPU
+def test_state_digest_is_the_same_on_either_device():
+    """sparsesync.state_digest of a state on the GPU (hashed there, no host copy) equals that of its CPU copy, also
+    for a state spread over the host and the device."""
+    from sparsesync import state_digest
+    g = torch.Generator().manual_seed(7)
+    cpu = {f"layer.{i}.w": random_values(s, dt, g, specials=True)
+           for i, (s, dt) in enumerate([(4096, torch.bfloat16), (1, torch.float32), (12289, torch.float16),
+                                        (5000, torch.int64), (0, torch.bfloat16), (4097, torch.float8_e5m2)])}
+    want = state_digest(cpu)
+    assert state_digest({k: v.to(DEV) for k, v in cpu.items()}) == want
+    mixed = {k: (v.to(DEV) if i % 2 else v) for i, (k, v) in enumerate(cpu.items())}
+    assert state_digest(mixed) == want
+    changed = {k: v.clone() for k, v in cpu.items()}
+    changed["layer.0.w"].view(torch.int16)[7] ^= 1
+    assert state_digest({k: v.to(DEV) for k, v in changed.items()}) != want
