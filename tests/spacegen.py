@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
+
+from sparsesync.format import build_freq
+from sparsesync.space import Space
 
 INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 SMALL_SIZES = (1, 2, 3, 63, 64, 65, 100, 4095, 4097, 700)
@@ -76,3 +80,40 @@ def sizes(n_total: int, rng: random.Random, small: bool, choices=SMALL_SIZES) ->
         out.append(s)
         left -= s
     return out
+
+
+def spaces(dtype_name: str, dt, sizes_: list[int], density: float, seed: int) -> tuple[Space, Space]:
+    """(old Space, new Space) of dtype ``dt`` over tensors of the given sizes (names sorted = creation order)."""
+    g = torch.Generator().manual_seed(seed)
+    olds = [random_values(s, dt, g) for s in sizes_]
+    news = [mutate(t, density, g) for t in olds]
+    names = [f"t{i:06d}" for i in range(len(sizes_))]
+    return Space(dtype_name, names, olds), Space(dtype_name, names, news)
+
+
+def cuts_for(kb: int, rng: random.Random, nclasses: int) -> list[int]:
+    """Random class cuts for ``nclasses`` classes of ``kb``-bit keys (none without keys)."""
+    if kb == 0 or nclasses <= 1:
+        return []
+    return sorted(rng.sample(range(1, 1 << kb), min(nclasses - 1, (1 << kb) - 1)))
+
+
+def class_freqs(hist: np.ndarray, cuts: list[int]) -> np.ndarray:
+    """Per-class value tables from a (key x symbol) histogram (absent classes: all zero)."""
+    bounds = [0] + list(cuts) + [hist.shape[0]]
+    out = np.zeros((len(cuts) + 1, 256), dtype=np.uint32)
+    for c in range(len(cuts) + 1):
+        h = hist[bounds[c]:bounds[c + 1]].sum(0)
+        if h.sum():
+            out[c] = build_freq(h)
+    return out
+
+
+def varint(v: int) -> bytes:
+    """LEB128 varint (FORMAT.md)."""
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from sparsesync import _native, reference
-from sparsesync.format import build_freq
 from sparsesync.reference import KernelError
 from sparsesync.space import KEY_BITS, Space
-from spacegen import INT_OF_WIDTH, sizes
+from spacegen import INT_OF_WIDTH, sizes, spaces
+from spacegen import class_freqs as _class_freqs
+from spacegen import cuts_for as _cuts_for
+from spacegen import varint as _varint
 from spacegen import ints as _ints
-from spacegen import mutate as _mutate
 from spacegen import random_values as _random_values
 from spacegen import width as _width
 
@@ -78,13 +79,10 @@ def _sizes(n_total: int, rng: random.Random, small: bool) -> list[int]:
 
 
 def _spaces(dtype_name: str, sizes: list[int], density: float, seed: int, specials: bool = True):
-    dt = DTYPES[dtype_name]
-    g = torch.Generator().manual_seed(seed)
+    old, new = spaces(dtype_name, DTYPES[dtype_name], sizes, density, seed)
     rng = random.Random(seed)
-    olds = [_random_values(s, dt, g) for s in sizes]
-    news = [_mutate(t, density, g) for t in olds]
     if specials:  # special patterns in old, in new, and changes between two of them (e.g. NaN payload changes)
-        for o, nw in zip(olds, news):
+        for o, nw in zip(old.tensors, new.tensors):
             io, inw = _ints(o), _ints(nw)
             cnt = max(1, int(o.numel() * min(density, 0.05)))
             for _ in range(cnt if rng.random() < 0.5 else 0):
@@ -92,29 +90,12 @@ def _spaces(dtype_name: str, sizes: list[int], density: float, seed: int, specia
                 a, b = _special_patterns(dtype_name, rng, 2)
                 r = rng.randrange(3)
                 if r == 0:
-                    io[i] = a  # old special, new keeps what _mutate gave (or the same special: unchanged)
+                    io[i] = a  # old special, new keeps what mutate gave (or the same special: unchanged)
                 elif r == 1:
                     inw[i] = b
                 else:
                     io[i], inw[i] = a, b
-    names = [f"t{i:06d}" for i in range(len(sizes))]
-    return Space(dtype_name, names, olds), Space(dtype_name, names, news)
-
-
-def _cuts_for(kb: int, rng: random.Random, K: int) -> list[int]:
-    if kb == 0 or K <= 1:
-        return []
-    return sorted(rng.sample(range(1, 1 << kb), min(K - 1, (1 << kb) - 1)))
-
-
-def _class_freqs(hist: np.ndarray, cuts: list[int]) -> np.ndarray:
-    bounds = [0] + list(cuts) + [hist.shape[0]]
-    out = np.zeros((len(cuts) + 1, 256), dtype=np.uint32)
-    for c in range(len(cuts) + 1):
-        h = hist[bounds[c]:bounds[c + 1]].sum(0)
-        if h.sum():
-            out[c] = build_freq(h)
-    return out
+    return old, new
 
 
 def _changed(old: Space, new: Space, start: int, end: int) -> torch.Tensor:
@@ -299,15 +280,6 @@ def _mutations(seg: bytes, table_len: int, rng: random.Random, count: int):
             i = rng.randrange(max(table_len, n - 16), n)
             b[i] ^= 1 << rng.randrange(8)
         yield bytes(b), tl
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
 
 
 def _parse(seg: bytes, table_len: int, nch: int):

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from sparsesync import _native, reference
-from sparsesync.format import build_freq
 from sparsesync.reference import E_HASH, KernelError
 from sparsesync.space import KEY_BITS, Space
 from spacegen import INT_OF_WIDTH
 from spacegen import ints as _ints
-from spacegen import mutate as _mutate
 from spacegen import random_values as _random_values
+from spacegen import spaces as _spaces_of
 from spacegen import sizes as _sizes
+from spacegen import class_freqs as _class_freqs
+from spacegen import cuts_for as _cuts_for
+from spacegen import varint as _varint
 from spacegen import width as _width
 
 pytestmark = pytest.mark.skipif(not _native.available, reason=f"native library not available: {_native.load_error}")
@@ -51,13 +53,7 @@ def threads(request, monkeypatch):
 # data
 
 def _spaces(dtype_name: str, sizes: list[int], density: float, seed: int):
-    """(old Space, new Space) over tensors of the given sizes (names sorted = creation order)."""
-    dt = DTYPES[dtype_name]
-    g = torch.Generator().manual_seed(seed)
-    olds = [_random_values(s, dt, g) for s in sizes]
-    news = [_mutate(t, density, g) for t in olds]
-    names = [f"t{i:06d}" for i in range(len(sizes))]
-    return Space(dtype_name, names, olds), Space(dtype_name, names, news)
+    return _spaces_of(dtype_name, DTYPES[dtype_name], sizes, density, seed)
 
 
 def _key(x: int, w: int, kb: int) -> int:
@@ -82,33 +78,8 @@ def _symbol(o: int, nw: int, w: int, mode: int):
     return 16 + nb - 4, neg | ((m & ((1 << (nb - 1)) - 1)) << 1), nb
 
 
-def _cuts_for(kb: int, rng: random.Random, K: int) -> list[int]:
-    if kb == 0 or K <= 1:
-        return []
-    return sorted(rng.sample(range(1, 1 << kb), min(K - 1, (1 << kb) - 1)))
-
-
-def _class_freqs(hist: np.ndarray, cuts: list[int]) -> np.ndarray:
-    bounds = [0] + list(cuts) + [hist.shape[0]]
-    out = np.zeros((len(cuts) + 1, 256), dtype=np.uint32)
-    for c in range(len(cuts) + 1):
-        h = hist[bounds[c]:bounds[c + 1]].sum(0)
-        if h.sum():
-            out[c] = build_freq(h)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # FORMAT.md §6 transcribed literally (small inputs only)
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
 
 def _spec_encode(old: list[int], new: list[int], w: int, kb: int, mode: int, start: int, end: int, log2c: int,
                  cuts: list[int], freqs: np.ndarray):

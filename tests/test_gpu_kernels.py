@@ -26,7 +26,8 @@ from sparsesync import _native, kernels_cuda
 from sparsesync.format import build_freq
 from sparsesync.reference import KernelError
 from sparsesync.space import Space
-from spacegen import mutate, random_values
+from spacegen import class_freqs as _class_freqs
+from spacegen import cuts_for, mutate, random_values
 
 SELF = os.environ.get("SPARSESYNC_GPU_SELFCHECK", "") not in ("", "0")
 SCALE = float(os.environ.get("SPARSESYNC_GPU_TEST_SCALE", "1") or 1)
@@ -111,21 +112,8 @@ def _cpu(t):
     return None if t is None else t.cpu()
 
 
-def _class_freqs(hist: np.ndarray, cuts: list[int]) -> np.ndarray:
-    bounds = [0] + list(cuts) + [hist.shape[0]]
-    out = np.zeros((len(cuts) + 1, 256), dtype=np.uint32)
-    for c in range(len(cuts) + 1):
-        h = hist[bounds[c]:bounds[c + 1]].sum(0)
-        if h.sum():
-            out[c] = build_freq(h)
-    return out
-
-
 def _cuts(kb: int, rng: random.Random) -> list[int]:
-    if kb == 0:
-        return []
-    K = rng.choice([1, 1, 2, 3, 5, 32])
-    return sorted(rng.sample(range(1, 1 << kb), min(K - 1, (1 << kb) - 1)))
+    return cuts_for(kb, rng, rng.choice([1, 1, 2, 3, 5, 32])) if kb else []
 
 
 def _code(fn, *a, **k):
