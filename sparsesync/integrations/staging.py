@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from ..digest import state_digest
 from ..errors import InvalidArgument
 from ..session import Receiver
@@ -233,3 +231,14 @@ def offset_port(listen: str, k: int) -> str:
     if not port.isdigit() or int(port) == 0:
         return listen
     return f"tcp://{host}:{int(port) + k}"
+
+
+def describe_problems(problems: list[tuple[int, str]], single: bool, label: str = "rank") -> str:
+    """One message for the problems of the workers of an engine, ``[(rank, message), ...]``: the message alone for a
+    single worker, else each distinct message with the ranks that had it."""
+    if single and len(problems) == 1:
+        return problems[0][1]
+    msgs: dict[str, list[int]] = {}
+    for rk, p in problems:
+        msgs.setdefault(p, []).append(rk)
+    return "; ".join(f"{label} {','.join(map(str, rks))}: {p}" for p, rks in msgs.items())

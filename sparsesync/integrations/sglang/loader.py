@@ -78,7 +78,7 @@ import torch
 
 from ...errors import InvalidArgument
 from ..runtime_map import RuntimeMap
-from ..staging import StagedMirror, offset_port
+from ..staging import StagedMirror, describe_problems, offset_port
 from ..vllm.checkpoint import load_mirror, model_directory
 from ..vllm.groups import expand, group_key
 from . import COMMAND, decode_command
@@ -545,9 +545,4 @@ def _agree(problem: str | None, group) -> list[tuple[int, str]]:
 
 
 def _describe(problems: list[tuple[int, str]], size: int) -> str:
-    if size <= 1 and len(problems) == 1:
-        return problems[0][1]
-    msgs: dict[str, list[int]] = {}
-    for rk, p in problems:
-        msgs.setdefault(p, []).append(rk)
-    return "; ".join(f"tp_rank {','.join(map(str, rks))}: {p}" for p, rks in msgs.items())
+    return describe_problems(problems, single=size <= 1, label="tp_rank")

@@ -55,7 +55,7 @@ except ImportError:     # a vLLM without the weight-transfer registry: the worke
 
 from ...errors import InvalidArgument
 from ...session import Receiver
-from ..staging import StagedMirror, offset_port
+from ..staging import StagedMirror, describe_problems, offset_port
 from . import WeightUpdateError
 from .checkpoint import load_mirror, model_directory, read_layout
 from .groups import expand, group_key
@@ -420,12 +420,7 @@ def _agree(problem: str | None) -> list[tuple[int, str]]:
 
 
 def _describe(problems: list[tuple[int, str]]) -> str:
-    if len(problems) == 1 and _world() is None:
-        return problems[0][1]
-    msgs = {}
-    for rk, p in problems:
-        msgs.setdefault(p, []).append(rk)
-    return "; ".join(f"rank {','.join(map(str, rks))}: {p}" for p, rks in msgs.items())
+    return describe_problems(problems, single=_world() is None)
 
 
 def _abort_layerwise(model) -> int:
