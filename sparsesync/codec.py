@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from . import config
+from . import config, kernels
 from .digest import DigestPlan, layout_digest
 from .dtypes import BY_NAME, byte_view, check_tensor, compare_layouts, name_of, width
 from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType, LayoutMismatch, RollbackRefused,
@@ -125,6 +125,7 @@ class _TensorPlan:
     packed: tuple | None = None          # the classes' packed tables (made once per region)
     positions: torch.Tensor | None = None  # the run's changed space indices, from the scan (None: too many)
     run: tuple | None = None             # (first tensor of the run in its space, changes per tensor of the run)
+    base: int = 0                        # space index of element 0 of ``space`` (a run's own space: see _encode2)
 
 
 @dataclass
@@ -227,26 +228,72 @@ def _short(x) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _prepare(name: str, t) -> torch.Tensor:
+_device_warned: set = set()
+
+
+def _prepare(name: str, t, on_device: bool = False) -> torch.Tensor:
+    """A contiguous tensor with ``t``'s bytes: on its device when ``on_device`` and the device kernels can work
+    there, else in host memory (a copy for device tensors)."""
     check_tensor(name, t)
     if t.layout != torch.strided or t.device.type == "meta":
         raise InvalidArgument(f"tensor {name!r} is a {t.layout} tensor on {t.device}; sparsesync reads dense tensors "
                               "with data")
     t = t.detach()
     if t.device.type != "cpu":
-        t = t.cpu()
+        why = "the Encoder keeps its snapshot in host memory" if not on_device else kernels.device_unavailable(t)
+        if why is not None:
+            if on_device and str(t.device) not in _device_warned:
+                _device_warned.add(str(t.device))
+                log.warning("sparsesync: tensors on %s are copied to host memory to be encoded (%s)", t.device, why)
+            t = t.cpu()
     return t.contiguous()
 
 
-def _collect(state, what: str) -> list[tuple[str, torch.Tensor]]:
-    """Validated (name, contiguous CPU tensor) pairs of a state; duplicate names are refused."""
+def _collect(state, what: str, on_device: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """Validated (name, contiguous tensor) pairs of a state (in host memory unless ``on_device``, see
+    :func:`_prepare`); duplicate names are refused."""
     items, seen = [], set()
     for name, t in _as_items(state):
         if name in seen:
             raise InvalidArgument(f"duplicate tensor name {name!r} in {what}")
         seen.add(name)
-        items.append((name, _prepare(name, t)))
+        items.append((name, _prepare(name, t, on_device)))
     return items
+
+
+def _device_groups(ts: list) -> list | None:
+    """Tensors grouped by device for hashing: None when all are on one device, else ``[(indices, tensors)]``."""
+    if all(t.is_cpu for t in ts) and kernels._emulation is None:
+        return None
+    devs = [kernels.device_of(t) for t in ts]
+    if len(set(devs)) <= 1:
+        return None
+    out = []
+    for d in dict.fromkeys(devs):
+        sel = np.array([i for i, x in enumerate(devs) if x == d], dtype=np.int64)
+        out.append((sel, [ts[i] for i in sel.tolist()]))
+    return out
+
+
+def _tree64_many(ts: list, ptrs: np.ndarray, nbytes: np.ndarray, groups: list | None) -> np.ndarray:
+    """tree64 of each tensor, with the kernels of the device each sits on (one call per device; ``groups`` from
+    :func:`_device_groups`)."""
+    if groups is None:
+        return kernels.for_tensors(ts).tree64_many(ts, ptrs=ptrs, nbytes=nbytes)
+    out = np.zeros(len(ts), dtype=np.uint64)
+    for sel, group in groups:
+        out[sel] = kernels.for_tensors(group).tree64_many(group, ptrs=ptrs[sel], nbytes=nbytes[sel])
+    return out
+
+
+def _host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor in host memory (copied from a device)."""
+    return t if t.is_cpu else t.cpu()
+
+
+def _host(t) -> np.ndarray:
+    """A uint8 tensor's bytes as a host numpy array (copied from a device)."""
+    return _host_tensor(t).numpy()
 
 
 class Encoder:
@@ -262,6 +309,11 @@ class Encoder:
     sparse segments with the base values' exponents as context; receivers must read version 2 (sessions negotiate).
     ``context`` (format 2): ``None`` = the encoder chooses per space by estimated size, ``True`` = context coding
     wherever the dtype has an exponent, ``False`` = order-0 coding only.
+    ``snapshot`` (format 2): where the snapshot of tensors on a GPU lives: ``"device"`` (default: on their device;
+    the diff, the coding and the snapshot update run there with the CUDA kernels, and only the coded bytes come to
+    the host) or ``"host"`` (copied to host memory every encode, coded with the CPU kernels). Tensors in host memory
+    are always coded on the host; a state may mix devices. Without usable CUDA kernels, device tensors are copied to
+    the host (logged once per device).
 
     A version identifies bytes: each :meth:`encode` needs a version above the encoder's current one
     (:attr:`version`), otherwise :class:`VersionConflict`. :meth:`same_as_snapshot` tells whether a state is
@@ -270,7 +322,7 @@ class Encoder:
 
     def __init__(self, base: StateLike | None = None, base_version: int | None = None, *, values: str = "delta",
                  bucket_bytes: int | None = None, digest: bool = False, format: int | None = None,
-                 context: bool | None = None):
+                 context: bool | None = None, snapshot: str = "device"):
         if values not in VALUE_MODES:
             raise InvalidArgument(f"values must be 'delta' or 'raw', got {_short(values)}")
         format = config.get_int("SPARSESYNC_FORMAT") if format is None else format
@@ -278,12 +330,15 @@ class Encoder:
             raise InvalidArgument(f"format must be one of {list(FORMATS)}, got {_short(format)}")
         if context not in (None, True, False):
             raise InvalidArgument(f"context must be None (by size), True or False, got {_short(context)}")
+        if snapshot not in ("device", "host"):
+            raise InvalidArgument(f"snapshot must be 'device' or 'host', got {_short(snapshot)}")
         self.format = format
         self.context = context
+        self.on_device = snapshot == "device" and format >= 2     # format 1 codes on the host only
         self._fast = None               # format 2: what the last state looked like (fast path for the next one)
         self._old_spaces: dict[str, Space] | None = None
         self._ldig: bytes | None = None
-        self._digest_plan: tuple | None = None    # (DigestPlan, tensors, their addresses, their sizes)
+        self._digest_plan: tuple | None = None    # (DigestPlan, tensors, addresses, sizes, device groups)
         self._changes: dict[str, np.ndarray | None] = {}   # format 2: changes per tensor of each space, last update
         self._gains: dict[str, dict] = {}     # format 2: bits a tensor saved when planned alone (see _runs)
         self._updates2 = 0
@@ -303,7 +358,7 @@ class Encoder:
             if base_version is None:
                 base_version = 0
             self._check_version(base_version)
-            items = _collect(base, "base")
+            items = _collect(base, "base", self.on_device)
             snapshot = {name: t.clone() for name, t in items}
             self.snapshot = snapshot
             self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in snapshot.items()]
@@ -337,9 +392,9 @@ class Encoder:
         if self._digest_plan is None:
             snap = self.snapshot
             ts = [snap[n] for n, _, _ in self.layout]
-            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts))
-        plan, ts, ptrs, nbytes = self._digest_plan
-        return plan.digest(impl().tree64_many(ts, ptrs=ptrs, nbytes=nbytes))
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), _device_groups(ts))
+        plan, ts, ptrs, nbytes, groups = self._digest_plan
+        return plan.digest(_tree64_many(ts, ptrs, nbytes, groups))
 
     @staticmethod
     def _check_version(v) -> None:
@@ -374,7 +429,10 @@ class Encoder:
         if len(pairs) != len(snap):
             return False
         for name, t, mine in pairs:
-            if not torch.equal(byte_view(_prepare(name, t)), byte_view(mine)):
+            t = _prepare(name, t, self.on_device)
+            if t.device != mine.device:
+                t = t.to(mine.device)
+            if not torch.equal(byte_view(t), byte_view(mine)):
                 return False
         return True
 
@@ -543,43 +601,56 @@ class Encoder:
                 return None
             ts = list(state.values())
             if list(map(_DTYPE, ts)) != fc["dtypes"] or list(map(_SHAPE, ts)) != fc["shapes"] or \
-                    not all(map(torch.Tensor.is_contiguous, ts)) or not all(map(_IS_CPU, ts)):
+                    not all(map(torch.Tensor.is_contiguous, ts)):
+                return None
+            if fc["devices"] is None:
+                if not all(map(_IS_CPU, ts)):
+                    return None
+            elif list(map(kernels.device_of, ts)) != fc["devices"]:
                 return None
             ptrs = np.fromiter(map(torch.Tensor.data_ptr, ts), dtype=np.uint64, count=len(ts))
         except (TypeError, AttributeError):
             return None
         out = {}
-        for dn, (w, kb, perm, names, offs) in fc["groups"].items():
+        for dn, (w, kb, perm, names, offs, druns) in fc["groups"].items():
             p = ptrs[perm]
             if not p.all():
                 return None
-            out[dn] = Space.prebuilt(dn, w, kb, names, ts, perm, p, offs)
+            out[dn] = Space.prebuilt(dn, w, kb, names, ts, perm, p, offs, druns)
         return out
 
     def _remember(self, state, items) -> None:
-        """Record what ``state`` looked like so that the next encode of a state like it takes the fast path."""
+        """Record what ``state`` looked like so that the next encode of a state like it takes the fast path (only
+        when the encoder works on the state's own tensors: none was copied to the host or made contiguous)."""
         if not isinstance(state, dict) or list(state) != [n for n, _ in items]:
             self._fast = None
             return
         ts = list(state.values())
+        if any(t.data_ptr() != mine.data_ptr() or t.device != mine.device for t, (_, mine) in zip(ts, items)):
+            self._fast = None
+            return
+        devices = None
+        if kernels._emulation is not None or not all(map(_IS_CPU, ts)):
+            devices = list(map(kernels.device_of, ts))
         pos = {n: i for i, n in enumerate(state)}
         groups = {}
         for dn, sp in spaces_of(items).items():
             perm = np.array([pos[n] for n in sp.names], dtype=np.int64)
-            groups[dn] = (sp.w, sp.kb, perm, sp.names, sp.offs)
+            groups[dn] = (sp.w, sp.kb, perm, sp.names, sp.offs, sp.druns)
         self._fast = {"names": list(state), "dtypes": list(map(_DTYPE, ts)), "shapes": list(map(_SHAPE, ts)),
-                      "groups": groups}
+                      "devices": devices, "groups": groups}
 
     def _encode2(self, state: StateLike, version: int, stream: bool) -> Update:
         full = self.snapshot is None
         new_spaces = None if full else self._fast_spaces(state)
         slow = new_spaces is None
         if slow:
-            items = _collect(state, "state")
+            items = _collect(state, "state", self.on_device)
             layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]
             if not full:
                 compare_layouts(self.layout, layout)
                 new_spaces = spaces_of(items)
+                self._check_devices(new_spaces)
         # nothing was changed so far; from here on the update is made
         if self._pending is not None and not self._pending.complete:
             self._pending.finish()
@@ -608,22 +679,25 @@ class Encoder:
         def plans():      # scanned lazily, space by space, as buckets are produced
             for dn, sp in new_spaces.items():
                 old = old_spaces[dn]
+                multi = len(old.druns) > 1      # a space spanning devices is coded run by run, each on one
                 if full:
                     stats.tensors_changed += len(sp.names)
-                    yield _TensorPlan(dn, None, sp.w, "d", length=sp.n, space=old, old_space=old)
+                    for base, _, sub in old.device_pieces(0, old.n):
+                        yield _TensorPlan(dn, None, sp.w, "d", origin=base, length=sub.n, space=sub, old_space=sub,
+                                          base=base)
                     continue
                 def scan_runs(bounds):
                     out = []
-                    for i0, i1 in bounds:
+                    for i0, i1 in _split_runs(bounds, old.druns):
                         whole = (i0, i1) == (0, len(sp.names))
                         run_new, run_old = (sp, old) if whole else (sp.sub(i0, i1), old.sub(i0, i1))
-                        counts, hist, keys, total, pieces, pos = impl().scan2(run_old, run_new, self.mode,
-                                                                              positions=True)
-                        if pos is not None and i0:
+                        counts, hist, keys, total, pieces, pos = kernels.for_space(run_old).scan2(
+                            run_old, run_new, self.mode, positions=True)
+                        if pos is not None and i0 and not multi:
                             pos = pos + int(sp.offs[i0])      # space indices (the scan counted from the run)
                         nb = len(counts)
                         out.append((i0, i1, run_new, counts, hist, keys, nb / max(1, -(-nb // 16)), total, pieces,
-                                    pos))
+                                    pos, run_old))
                     return out
                 first_time = self._changes.get(dn) is None
                 runs = scan_runs(self._runs(dn, len(sp.names)))
@@ -642,7 +716,7 @@ class Encoder:
                     pool = plan_classes(hist_all, keys_all, 1.0, sp.n, sp.w, self.mode, ctx)
                     pool_ref = (hist_all, np.maximum(keys_all, hist_all.sum(axis=1)))
                 gains = self._gains.setdefault(dn, {})
-                for i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos in runs:
+                for i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos, run_old in runs:
                     if not total:
                         continue
                     stats.changed += total
@@ -655,18 +729,32 @@ class Encoder:
                     log.debug("space %s tensors %d..%d: %d of %d elements changed, %s, about %.3f bits per change",
                               dn, i0, i1 - 1, total, run_new.n,
                               f"{len(cp.cuts) + 1} classes" if cp.context else "order-0", cp.bits_per_change)
+                    # kernels address the whole space, or the run's own space when the space spans devices
+                    where = dict(space=run_new, old_space=run_old, base=o0, run=(0, pieces)) if multi else \
+                        dict(space=sp, old_space=old, run=(i0, pieces))
                     for r in plan_regions(counts, run_new.n, sp.w, cp.bits_per_change):
                         if r.kind == "d":
                             yield _TensorPlan(dn, None, sp.w, "d", origin=o0 + r.start, length=r.end - r.start,
-                                              space=sp, old_space=old, run=(i0, pieces))
+                                              **where)
                         else:
                             yield _TensorPlan(dn, None, sp.w, "s", r.log2c, None, r.chunk_counts,
                                               cp.bits_per_change / 8, origin=o0 + r.start, length=r.end - r.start,
-                                              cuts=tuple(cp.cuts), freqs=cp.freqs, space=sp, old_space=old,
-                                              positions=pos, run=(i0, pieces))
+                                              cuts=tuple(cp.cuts), freqs=cp.freqs, positions=pos, **where)
                 seen = [r[8] for r in runs]
                 self._changes[dn] = np.concatenate(seen) if seen else None
         return self._start(plans(), full, version, stats, t0, stream)
+
+    def _check_devices(self, new_spaces: dict) -> None:
+        """A tensor must stay on the device its snapshot is on (the kernels read both together)."""
+        for dn, sp in new_spaces.items():
+            old = self._spaces()[dn]
+            if [r[2] for r in old.druns] == [r[2] for r in sp.druns] and \
+                    [r[:2] for r in old.druns] == [r[:2] for r in sp.druns]:
+                continue
+            for name, a, b in zip(sp.names, sp.tensors, old.tensors):
+                if kernels.device_of(a) != kernels.device_of(b):
+                    raise InvalidArgument(f"tensor {name!r} is on {a.device} but the encoder's snapshot of it is on "
+                                          f"{b.device}; keep each tensor on one device (or make a new Encoder)")
 
     @staticmethod
     def _changed_names(tp: _TensorPlan, start: int, end: int) -> list[str]:
@@ -715,15 +803,17 @@ class Encoder:
     def _encode_segment2(self, sp: _SegPlan, full: bool) -> tuple[Segment2, list]:
         tp = sp.tp
         dense_len = (sp.end - sp.start) * tp.w
+        kern = kernels.for_space(tp.space)
+        lo, hi = sp.start - tp.base, sp.end - tp.base      # in the coordinates of the kernels' space
         if tp.kind == "s":
             pos = tp.positions
             if pos is not None:      # the scan's positions: the encoder need not diff the range again
-                a, b = torch.searchsorted(pos, torch.tensor([sp.start, sp.end], dtype=torch.int64)).tolist()
+                a, b = torch.searchsorted(pos, torch.tensor([lo, hi], dtype=torch.int64, device=pos.device)).tolist()
                 pos = pos[a:b]
             try:
-                table, data, ks, vhash, nch = impl().encode2(tp.old_space, tp.space, self.mode, sp.start, sp.end,
-                                                             tp.log2c, list(tp.cuts), tp.freqs, update_old=True,
-                                                             nchanged_hint=sp.nchanged, positions=pos)
+                table, data, ks, vhash, nch = kern.encode2(tp.old_space, tp.space, self.mode, lo, hi, tp.log2c,
+                                                           list(tp.cuts), tp.freqs, update_old=True,
+                                                           nchanged_hint=sp.nchanged, positions=pos)
             except KernelError as exc:      # a symbol the plan did not count: the state changed meanwhile
                 raise SparseSyncError(f"{tp.space.describe(sp.start, sp.end)} changed between planning and encoding "
                                       f"({exc})") from None
@@ -745,9 +835,10 @@ class Encoder:
                                 tp.cuts, cls, vhash, nch), [table, data]
             log.debug("%s: sparse coding took %d B, dense %d B: sent dense", tp.space.describe(sp.start, sp.end),
                       len(table) + len(data), dense_len)
-        raw = impl().gather2(tp.space, sp.start, sp.end).numpy()
+        got = kern.gather2(tp.space, lo, hi)
         if not full and tp.kind == "d":
-            impl().put2(tp.old_space, sp.start, sp.end, raw)
+            kern.put2(tp.old_space, lo, hi, got)
+        raw = _host(got)
         return Segment2(tp.name, "d", sp.start, sp.end, 0, 0, 0, dense_len, (), (), None, sp.end - sp.start), [raw]
 
     def _encode_segment(self, sp: _SegPlan) -> tuple[Segment, list]:
@@ -789,7 +880,7 @@ class Encoder:
                 if sp.tp.space is not None:
                     seg, data = self._encode_segment2(sp, update.base_version is None)
                     if seg.kind == "d":
-                        dense_names.update(self._changed_names(sp.tp, sp.start, sp.end))
+                        dense_names.update(self._changed_names(sp.tp, sp.start - sp.tp.base, sp.end - sp.tp.base))
                 else:
                     seg, data = self._encode_segment(sp)
                     if seg.kind == "d":
@@ -881,6 +972,22 @@ class _Pending:
     count: int = 0
 
 
+def _split_runs(bounds: list, druns: tuple) -> list[tuple[int, int]]:
+    """Runs of tensors cut where the device changes (each run on one device)."""
+    if len(druns) <= 1:
+        return bounds
+    cuts = [b for _, b, _ in druns[:-1]]
+    out = []
+    for i0, i1 in bounds:
+        a = i0
+        for c in cuts:
+            if a < c < i1:
+                out.append((a, c))
+                a = c
+        out.append((a, i1))
+    return out
+
+
 def _addresses(ts: list) -> tuple[np.ndarray, np.ndarray]:
     """Addresses and byte sizes of contiguous CPU tensors that keep their storage (the codec's own snapshot, a
     decoder's tensors): taken once, so that digests need no pass over the tensors in Python."""
@@ -918,7 +1025,9 @@ _ARENA_GROWTH, _ARENA_SLACK = 2, 1 << 16
 class Decoder:
     """Applies updates to ``state`` in place, all or nothing.
 
-    ``state``: Mapping name -> contiguous CPU tensor (the receiver's weights). ``version``: the version it holds.
+    ``state``: Mapping name -> contiguous tensor (the receiver's weights), in host memory or on CUDA devices (then
+    format-2 updates are decoded and applied there with the CUDA kernels; see :attr:`formats`). ``version``: the
+    version it holds.
     ``verify_digest`` (default True): when an update carries the encoder's state digest (``Encoder(digest=True)``),
     recompute the digest after applying; on a mismatch the change is rolled back and :class:`BaseMismatch` is raised.
     Updates without a digest cost nothing extra.
@@ -940,7 +1049,13 @@ class Decoder:
             if t.layout != torch.strided:
                 raise InvalidArgument(f"tensor {name!r} is a {t.layout} tensor; this Decoder updates dense tensors")
             if t.device.type != "cpu":
-                raise InvalidArgument(f"tensor {name!r} is on {t.device}; this Decoder applies to CPU tensors")
+                if t.device.type != "cuda":
+                    raise InvalidArgument(f"tensor {name!r} is on {t.device}; a Decoder applies to tensors in host "
+                                          "memory or on CUDA devices")
+                why = kernels.device_unavailable(t)
+                if why is not None:
+                    raise InvalidArgument(f"tensor {name!r} is on {t.device}, but the CUDA kernels cannot run in this "
+                                          f"process: {why}")
             if not t.is_contiguous():
                 raise InvalidArgument(f"tensor {name!r} (shape {list(t.shape)}, strides {list(t.stride())}) is not "
                                       "contiguous; it cannot be updated in place")
@@ -960,7 +1075,11 @@ class Decoder:
         # keep their storage, as for any in-place receiver); spaces holding aliased tensors write new values
         self._spaces = spaces_of(list(self.state.items()))
         self._alias_spaces = {name_of(self.state[n].dtype) for n in self._aliased}
-        self._digest_plan: tuple | None = None     # (DigestPlan, tensors, their addresses, their sizes)
+        #: wire format versions this decoder applies: tensors in device memory take format 2 only (sessions offer
+        #: this list in their handshake, so senders encode a version the decoder reads)
+        self.devices = sorted({str(r[2]) for sp in self._spaces.values() for r in sp.druns if r[2] is not None})
+        self.formats = tuple(f for f in FORMATS if f >= 2) if self.devices else FORMATS
+        self._digest_plan: tuple | None = None     # (DigestPlan, tensors, addresses, sizes, device groups)
         self.version = version
         self.verify_digest = verify_digest
         self.allow_rollback = allow_rollback
@@ -1177,6 +1296,10 @@ class Decoder:
             p.last_hash = hhash
         if header.v >= 2:
             return self._stage2(p, header, bucket, body, owned, t0)
+        if header.v not in self.formats:
+            raise InvalidArgument(f"this decoder holds tensors on {', '.join(self.devices)} and applies wire format "
+                                  f"{' or '.join(map(str, self.formats))} only, not format {header.v} (Encoder(format=2); "
+                                  "sessions negotiate it)")
         mode = VALUE_MODES[header.vals]
         # 1. every segment against the receiver's tensors, before anything is allocated from header numbers. The
         # segments of a tensor ascend through the update (FORMAT.md §2), so one end per tensor proves no overlap.
@@ -1237,7 +1360,11 @@ class Decoder:
         return True
 
     def _stage2(self, p: _Pending, header: Header, bucket, body, owned: bool, t0: float) -> bool:
-        """Stage one format-2 bucket (FORMAT.md §6): segments address spaces; work is per segment, not per tensor."""
+        """Stage one format-2 bucket (FORMAT.md §6): segments address spaces; work is per segment, not per tensor.
+
+        Staged entries are ``(space, kind, start, end, payload, first tensor)`` on one device each: the space's own,
+        or, for a space spanning devices, the space of one device run (``first tensor``: its first tensor's index in
+        the whole space; start and end in its coordinates)."""
         mode = VALUE_MODES[header.vals]
         ends = p.ends
         spaces = self._spaces
@@ -1251,47 +1378,56 @@ class Decoder:
                 raise CorruptPayload(f"{seg.space} segments overlap or are out of order: [{seg.start}, {seg.end}) "
                                      f"after a segment ending at {last} (a space's segments ascend)")
             ends[seg.space] = seg.end
-        sparse = [(seg, spaces[seg.space].w) for seg in header.segs if seg.kind == "s"]
-        arena_idx, arena_val, arena_new = self._staging(p, header.idx, sum(sg.nchanged for sg, _ in sparse),
-                                                        sum(-(-sg.nchanged * w // 8) * 8 for sg, w in sparse))
+        pieces = [spaces[seg.space].device_pieces(seg.start, seg.end) for seg in header.segs]
+        # host staging (the arena) for the sparse segments decoded by the CPU kernels in place
+        host = [(seg, spaces[seg.space].w) for seg, pc in zip(header.segs, pieces)
+                if seg.kind == "s" and len(pc) == 1 and pc[0][2].device is None]
+        arena_idx, arena_val, arena_new = self._staging(p, header.idx, sum(sg.nchanged for sg, _ in host),
+                                                        sum(-(-sg.nchanged * w // 8) * 8 for sg, w in host))
         delta = mode == VALUE_MODES["delta"]
         copy_dense = not owned and not isinstance(bucket, bytes)
         io = vo = 0
-        for seg in header.segs:
+        for seg, pc in zip(header.segs, pieces):
             sp = spaces[seg.space]
             data = body[seg.off: seg.off + seg.length]
             w = sp.w
             if seg.kind == "d":
-                p.staged.append((sp, "d", seg.start, seg.end, bytes(data) if copy_dense else data))
-            else:
-                freqs = _class_tables(seg.cls, max_symbol(w, mode))
-                ks = [None if c is None else c[0] for c in seg.cls]
-                dmode = MODE_DELTA_DEFERRED if delta and seg.space not in self._alias_spaces else mode
-                try:
-                    idx, vals = impl().decode2(data, seg.table_len, sp, dmode, seg.start, seg.end, seg.log2c,
-                                               list(seg.cuts), ks, freqs, seg.nchanged, seg.values_hash,
-                                               arena_idx[io: io + seg.nchanged],
-                                               arena_val[vo: vo + seg.nchanged * w])
-                except KernelError as exc:
-                    if exc.code == E_HASH and mode == VALUE_MODES["delta"]:
-                        raise BaseMismatch(f"{sp.describe(seg.start, seg.end)}: the decoder's values at version "
-                                           f"{self.version} differ from the encoder's base (values hash mismatch)") \
-                            from None
-                    if seg.cuts and exc.code != E_ARG:
-                        # context coding reads the classes from the base: with intact checksums, streams that do not
-                        # decode mean other base values (or a forged payload)
-                        raise BaseMismatch(f"{sp.describe(seg.start, seg.end)}: the context-coded segment does not "
-                                           f"decode against the decoder's values at version {self.version} ({exc}); "
-                                           "the bucket's checksums hold, so the decoder's base most likely differs "
-                                           "from the encoder's") from None
-                    raise CorruptPayload(f"segment of {sp.describe(seg.start, seg.end)}: {exc}") from None
+                payload = bytes(data) if copy_dense else data
+                for base, i0, sub in pc:
+                    a, b = max(seg.start, base), min(seg.end, base + sub.n)
+                    part = payload if len(pc) == 1 else payload[(a - seg.start) * w: (b - seg.start) * w]
+                    p.staged.append((sub, "d", a - base, b - base, part, i0))
+                p.changed += seg.nchanged
+                continue
+            freqs = _class_tables(seg.cls, max_symbol(w, mode))
+            ks = [None if c is None else c[0] for c in seg.cls]
+            dmode = MODE_DELTA_DEFERRED if delta and seg.space not in self._alias_spaces else mode
+            args = (list(seg.cuts), ks, freqs, seg.nchanged, seg.values_hash)
+            if len(pc) > 1:
+                # a segment across devices: decoded on the host against a copy of its range's base values (new
+                # values, values hash checked), then scattered device by device
+                idx, vals = self._decode_across(sp, seg, data, pc, mode, args)
+                for base, i0, sub in pc:
+                    sel = (idx >= base) & (idx < base + sub.n)
+                    p.staged.append((sub, "s", seg.start, seg.end, (idx[sel] - base, vals.view(-1, w)[sel].reshape(-1)),
+                                     i0))
+                p.changed += seg.nchanged
+                continue
+            base, i0, sub = pc[0]
+            lo, hi = seg.start - base, seg.end - base
+            if sub.device is None:
+                idx, vals = self._decode_seg(impl(), sp, seg, data, sub, dmode, lo, hi, args,
+                                             arena_idx[io: io + seg.nchanged], arena_val[vo: vo + seg.nchanged * w])
                 new = arena_new[vo: vo + seg.nchanged * w]
                 io += seg.nchanged
                 vo += -(-seg.nchanged * w // 8) * 8
-                if dmode == MODE_DELTA_DEFERRED:
-                    p.staged.append((sp, "+", seg.start, seg.end, (idx, vals, new, seg.values_hash)))
-                else:
-                    p.staged.append((sp, "s", seg.start, seg.end, (idx, vals)))
+            else:          # decoded into device memory
+                idx, vals = self._decode_seg(kernels.device_kernels(), sp, seg, data, sub, dmode, lo, hi, args)
+                new = torch.empty_like(vals) if dmode == MODE_DELTA_DEFERRED else None
+            if dmode == MODE_DELTA_DEFERRED:
+                p.staged.append((sub, "+", lo, hi, (idx, vals, new, seg.values_hash), i0))
+            else:
+                p.staged.append((sub, "s", lo, hi, (idx, vals), i0))
             p.changed += seg.nchanged
         p.wire_bytes += len(memoryview(bucket).cast("B"))
         p.decode_seconds += time.perf_counter() - t0
@@ -1302,6 +1438,40 @@ class Decoder:
         p.count = header.cnt
         return True
 
+    def _decode_seg(self, kern, sp: Space, seg, data, sub: Space, dmode: int, lo: int, hi: int, args: tuple,
+                    idx_out=None, val_out=None):
+        """One sparse segment decoded by ``kern`` on ``sub`` (range [lo, hi) there); kernel errors become the
+        codec's errors, naming the segment's tensors."""
+        cuts, ks, freqs, nchanged, vhash = args
+        try:
+            return kern.decode2(data, seg.table_len, sub, dmode, lo, hi, seg.log2c, cuts, ks, freqs, nchanged, vhash,
+                                idx_out, val_out)
+        except KernelError as exc:
+            where = sp.describe(seg.start, seg.end)
+            if exc.code == E_HASH and dmode in (VALUE_MODES["delta"], MODE_DELTA_DEFERRED):
+                raise BaseMismatch(f"{where}: the decoder's values at version {self.version} differ from the "
+                                   "encoder's base (values hash mismatch)") from None
+            if seg.cuts and exc.code != E_ARG:
+                # context coding reads the classes from the base: with intact checksums, streams that do not decode
+                # mean other base values (or a forged payload)
+                raise BaseMismatch(f"{where}: the context-coded segment does not decode against the decoder's values "
+                                   f"at version {self.version} ({exc}); the bucket's checksums hold, so the decoder's "
+                                   "base most likely differs from the encoder's") from None
+            raise CorruptPayload(f"segment of {where}: {exc}") from None
+
+    def _decode_across(self, sp: Space, seg, data, pc: list, mode: int, args: tuple):
+        """A sparse segment whose range spans devices, decoded on the host: (space indices, new values) (raw values
+        in raw mode)."""
+        parts = []
+        for base, _, sub in pc:
+            a, b = max(seg.start, base), min(seg.end, base + sub.n)
+            parts.append(_host_tensor(kernels.for_space(sub).gather2(sub, a - base, b - base)))
+        raw = torch.cat(parts) if len(parts) > 1 else parts[0]
+        tmp = Space(sp.dtype, [sp.names_in(seg.start, seg.end)[0]], [raw.view(BY_NAME[sp.dtype])])
+        tmp._druns = ((0, 1, None),)             # host memory, whatever device_of says
+        idx, vals = self._decode_seg(impl(), sp, seg, data, tmp, mode, 0, seg.end - seg.start, args)
+        return idx + seg.start, vals
+
     def _commit2(self, p: _Pending, digest: str | None) -> tuple:
         """Write a staged format-2 update; returns the names of the tensors written. Undoes exactly on a failed
         values hash or digest."""
@@ -1309,35 +1479,41 @@ class Decoder:
         touched = {dn: np.zeros(len(sp.names), dtype=np.uint8) for dn, sp in self._spaces.items()}
         undo = []
 
+        def tv(sp, i0):          # the touched flags of a (run) space's tensors
+            return touched[sp.dtype][i0: i0 + len(sp.names)]
+
         def rollback():
             for sp, kind, where, old in reversed(undo):
+                kern = kernels.for_space(sp)
                 if kind == "d":
-                    impl().put2(sp, where, where + old.numel() // sp.w, old)
+                    kern.put2(sp, where, where + old.numel() // sp.w, old)
                 elif kind == "+":
-                    impl().add_scatter2(sp, where, old, None, negate=True)
+                    kern.add_scatter2(sp, where, old, None, negate=True)
                 else:
-                    impl().scatter2(sp, where, old)
+                    kern.scatter2(sp, where, old)
 
-        for sp, kind, start, end, payload in p.staged:
+        for sp, kind, start, end, payload, i0 in p.staged:
             if kind != "+":
                 continue
+            kern = kernels.for_space(sp)
             idx, d, new, vhash = payload
-            impl().add_scatter2(sp, idx, d, new, touched=touched[sp.dtype])
+            kern.add_scatter2(sp, idx, d, new, touched=tv(sp, i0))
             undo.append((sp, "+", idx, d))
-            if impl().tree64(new) != vhash:
+            if kern.tree64(new) != vhash:
                 rollback()
                 raise BaseMismatch(f"{sp.describe(start, end)}: the decoder's values at version {self.version} differ "
                                    "from the encoder's base (values hash mismatch); nothing was changed")
-        for sp, kind, start, end, payload in p.staged:
+        for sp, kind, start, end, payload, i0 in p.staged:
+            kern = kernels.for_space(sp)
             if kind == "d":
                 if verify:
-                    undo.append((sp, "d", start, impl().gather2(sp, start, end)))
-                impl().put2(sp, start, end, payload, touched=touched[sp.dtype])
+                    undo.append((sp, "d", start, kern.gather2(sp, start, end)))
+                kern.put2(sp, start, end, payload, touched=tv(sp, i0))
             elif kind == "s":
                 idx, vals = payload
                 if verify:
-                    undo.append((sp, "s", idx, impl().take2(sp, idx)))
-                impl().scatter2(sp, idx, vals, touched=touched[sp.dtype])
+                    undo.append((sp, "s", idx, kern.take2(sp, idx)))
+                kern.scatter2(sp, idx, vals, touched=tv(sp, i0))
         if verify:
             t1 = time.perf_counter()
             got = self._state_digest()
@@ -1357,9 +1533,9 @@ class Decoder:
         """state_digest of the decoder's tensors (the layout's records are built once)."""
         if self._digest_plan is None:
             ts = list(self.state.values())
-            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts))
-        plan, ts, ptrs, nbytes = self._digest_plan
-        return plan.digest(impl().tree64_many(ts, ptrs=ptrs, nbytes=nbytes))
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), _device_groups(ts))
+        plan, ts, ptrs, nbytes, groups = self._digest_plan
+        return plan.digest(_tree64_many(ts, ptrs, nbytes, groups))
 
     def _commit(self, p: _Pending, digest: str | None) -> None:
         """Write the staged update. Only the values-hash and digest checks can still fail here; both undo exactly."""

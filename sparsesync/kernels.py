@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from . import _native, config, reference
 
 _warned = False
@@ -25,6 +27,47 @@ def impl():
 
 def using_native() -> bool:
     return impl() is _native
+
+
+# -- device memory --------------------------------------------------------------------------------------------------
+# A test hook: an object with ``kernels`` (a module-like object with kernels_cuda's calls) and ``device_of(t)``
+# standing in for the CUDA kernels and devices, so that the device paths of the Encoder and Decoder run on machines
+# without a GPU (tests/test_device_paths.py). Never set outside tests.
+_emulation = None
+
+
+def device_of(t: torch.Tensor):
+    """The device whose kernels handle tensor ``t``: None for host memory (the CPU kernels), else its CUDA device."""
+    if _emulation is not None:
+        return _emulation.device_of(t)
+    return t.device if t.is_cuda else None
+
+
+def device_kernels():
+    """The module implementing the kernel calls on device spaces (:mod:`sparsesync.kernels_cuda`)."""
+    if _emulation is not None:
+        return _emulation.kernels
+    from . import kernels_cuda
+    return kernels_cuda
+
+
+def device_unavailable(t: torch.Tensor) -> str | None:
+    """Why the device kernels cannot work on tensor ``t`` (None when they can, or when ``t`` is in host memory)."""
+    if device_of(t) is None or _emulation is not None:
+        return None
+    from . import kernels_cuda
+    return kernels_cuda.unavailable_reason()
+
+
+def for_space(sp):
+    """The kernels for a space on one device: the CPU kernels (:func:`impl`) for host memory, the device kernels
+    otherwise."""
+    return impl() if sp.device is None else device_kernels()
+
+
+def for_tensors(ts: list):
+    """The kernels for tensors all on one device (as :func:`for_space`)."""
+    return impl() if not ts or device_of(ts[0]) is None else device_kernels()
 
 
 def build_info() -> dict:

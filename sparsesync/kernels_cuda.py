@@ -182,6 +182,11 @@ def _touched_merge(touched, dt) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # positions
 
+#: scan2 keeps the changed positions (int64) of a run only while they take at most this share of the run's bytes;
+#: above it (e.g. bf16 at more than 1% changed) encode2 selects each segment's positions again (one more read of the
+#: segment's range) so that the extra device memory of an encode stays below 5% of the state
+POSITIONS_BUDGET = 0.04
+
 def _count(lib, o: _DevSpace, n: _DevSpace, start: int, end: int, st: int) -> int:
     cnt = torch.empty(1, dtype=torch.int64, device=o.device)
     _check(lib.ss2_cuda_count(_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, start, end, cnt.data_ptr(), st),
@@ -249,7 +254,7 @@ def scan2(old, new, mode: int, positions: bool = False):
         if not positions:
             return counts_h, hist, keys, total, pieces
         idx = None
-        if total <= _native.positions_cap(o.n):
+        if total * 8 <= POSITIONS_BUDGET * o.n * o.w:
             idx = _select(lib, o, n, 0, o.n, total, st)
         return counts_h, hist, keys, total, pieces, idx
 

@@ -222,7 +222,7 @@ class Receiver:
                 status = {"error": f"status callback failed: {type(exc).__name__}: {exc}"}
         with self._lock:
             info = {"version": self.decoder.version, "digest": self._digest_locked(),
-                    "layout": self.decoder.layout_digest, "formats": list(FORMATS)}
+                    "layout": self.decoder.layout_digest, "formats": list(getattr(self.decoder, "formats", FORMATS))}
             if self._adopt_into is not None and not self.decoder.state:
                 info["adopt"] = True
         if self._status is not None:

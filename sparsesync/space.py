@@ -46,7 +46,7 @@ class Space:
     ``ptrs`` (uint64 addresses), ``offs`` (int64 prefix sums, ``len(tensors) + 1`` entries), ``n`` (elements).
     """
 
-    __slots__ = ("dtype", "w", "kb", "names", "_tensors", "_src", "ptrs", "offs", "n", "_flat")
+    __slots__ = ("dtype", "w", "kb", "names", "_tensors", "_src", "ptrs", "offs", "n", "_flat", "_druns")
 
     def __init__(self, dtype: str, names: list[str], tensors: list[torch.Tensor], ptrs=None):
         self.dtype = dtype
@@ -68,16 +68,43 @@ class Space:
             ptrs = np.fromiter((t.data_ptr() for t in tensors), dtype=np.uint64, count=len(tensors))
         self.ptrs = ptrs
         self._flat = None
+        self._druns = None
 
     @classmethod
     def prebuilt(cls, dtype: str, w: int, kb: int, names: list[str], src: list[torch.Tensor], perm: np.ndarray,
-                 ptrs: np.ndarray, offs: np.ndarray) -> "Space":
+                 ptrs: np.ndarray, offs: np.ndarray, druns: tuple | None = None) -> "Space":
         """A space from parts the caller already checked: its tensors are ``src[perm]`` (sorted, none empty), made
-        into a list only if something asks for them (the native kernels need only ``ptrs`` and ``offs``)."""
+        into a list only if something asks for them (the native kernels need only ``ptrs`` and ``offs``);
+        ``druns``: its device runs when the caller knows them (see :attr:`druns`)."""
         self = cls.__new__(cls)
         self.dtype, self.w, self.kb, self.names, self._tensors, self._src = dtype, w, kb, names, None, (src, perm)
-        self.ptrs, self.offs, self.n, self._flat = ptrs, offs, int(offs[-1]), None
+        self.ptrs, self.offs, self.n, self._flat, self._druns = ptrs, offs, int(offs[-1]), None, druns
         return self
+
+    @property
+    def druns(self) -> tuple:
+        """The space's tensors as runs on one device each: ``((i0, i1, device), ...)`` covering tensors ``i0 ..
+        i1-1``, where ``device`` is what :func:`sparsesync.kernels.device_of` says (None: host memory, the CPU
+        kernels). One run for a space on one device; an empty space has none."""
+        if self._druns is None:
+            from .kernels import device_of
+            runs: list = []
+            for i, t in enumerate(self.tensors):
+                d = device_of(t)
+                if runs and runs[-1][2] == d:
+                    runs[-1][1] = i + 1
+                else:
+                    runs.append([i, i + 1, d])
+            self._druns = tuple(tuple(r) for r in runs)
+        return self._druns
+
+    @property
+    def device(self):
+        """The device of a space on one device (None: host memory); a space spanning devices raises ValueError."""
+        runs = self.druns
+        if len(runs) > 1:
+            raise ValueError(f"the {self.dtype} space spans devices {[r[2] for r in runs]}")
+        return runs[0][2] if runs else None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -98,6 +125,23 @@ class Space:
         out.ptrs = self.ptrs[i0:i1]
         out.offs = self.offs[i0:i1 + 1] - self.offs[i0]
         out.n, out._flat = int(out.offs[-1]), None
+        out._druns = None
+        if self._druns is not None:
+            out._druns = tuple((max(a, i0) - i0, min(b, i1) - i0, d) for a, b, d in self._druns if a < i1 and b > i0)
+        return out
+
+    def device_pieces(self, start: int, end: int) -> list[tuple[int, int, "Space"]]:
+        """Space range [start, end) as pieces on one device each: ``[(base, i0, sub), ...]`` where ``sub`` is the
+        space of one device run (tensors ``i0 ..``) and ``base`` the space index of its element 0 (the whole space,
+        base 0, when the space is on one device)."""
+        runs = self.druns
+        if len(runs) <= 1:
+            return [(0, 0, self)]
+        out = []
+        for i0, i1, _ in runs:
+            a, b = int(self.offs[i0]), int(self.offs[i1])
+            if a < end and b > start:
+                out.append((a, i0, self.sub(i0, i1)))
         return out
 
     def flat(self) -> torch.Tensor:
