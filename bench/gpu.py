@@ -20,6 +20,10 @@ the state buffers hold) is reported for encode and for decode + apply. Byte iden
 (--sample elements, copied to the host) the GPU segments equal the CPU encoder's (sparsesync._native) byte for byte
 and decode on the CPU to the new state.
 
+- the API (section "api"): ``Encoder`` / ``Decoder`` on CUDA tensors end to end (--api-elements elements in
+  --api-tensors tensors at 0.6% changed, the encoder choosing context coding by size), wall-clock times, extra device
+  memory, and the buckets compared with a CPU ``Encoder``'s on the host copy of the same states.
+
 Writes gpu.json and gpu.txt (what was printed) to --out, default $OUT when set, else bench/results/gpu-<date>/ (a new
 folder; committed results are never overwritten).
 """
@@ -157,6 +161,89 @@ def naive(old_parts, new_parts):
     return out
 
 
+def api_section(args, timer: Timer, dev, g) -> dict:
+    """Encoder / Decoder on device tensors, against a CPU Encoder on the same states."""
+    import sparsesync as ss
+    n = int(args.api_elements)
+    sizes = split_sizes(n, args.api_tensors)
+    names = [f"model.layers.{i:05d}.weight" for i in range(len(sizes))]
+    base = (torch.randn(n, generator=g, device=dev) * 0.02).to(torch.bfloat16)
+    k = int(n * 0.006)
+    newf = base.clone()
+    pos = torch.randint(0, n, (k,), generator=g, device=dev)
+    newf.view(torch.int16)[pos] += torch.randint(1, 3, (k,), generator=g, device=dev, dtype=torch.int16)
+    del pos
+    s0 = dict(zip(names, base.split(sizes)))
+    s1 = dict(zip(names, newf.split(sizes)))
+    r: dict = {"elements": n, "tensors": len(sizes), "changed_target": k}
+
+    def sync():
+        if CUDA:
+            torch.cuda.synchronize()
+
+    enc_box = {}
+
+    def setup():
+        enc_box["enc"] = ss.Encoder(s0, 0, digest=False)
+        sync()
+
+    def run_enc():
+        enc_box["u"] = enc_box["enc"].encode(s1, version=1)
+        sync()
+
+    times = []
+    for i in range(args.repeat + 1):
+        setup()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev) if CUDA else 0
+        t0 = time.perf_counter()
+        run_enc()
+        dt = (time.perf_counter() - t0) * 1e3
+        if i:
+            times.append(dt)
+        extra = (torch.cuda.max_memory_allocated(dev) - before) if CUDA else 0
+    u = enc_box["u"]
+    r.update({"encode_ms": min(times), "encode_model_GBps": 2 * n / (min(times) * 1e-3) / 1e9,
+              "encode_extra_bytes": extra, "encode_extra_frac": extra / (2 * n), "wire_bytes": u.stats.wire_bytes,
+              "changed": u.stats.changed, "bytes_per_changed": u.stats.bytes_per_changed})
+    say(f"[api] Encoder on {dev}: {n:,} bf16 elements in {len(sizes)} tensors, {u.stats.changed:,} changed: encode "
+        f"{min(times):.1f} ms ({r['encode_model_GBps']:.0f} GB/s of model bytes), {u.stats.bytes_per_changed:.3f} "
+        f"B/changed, extra device memory {extra / 1e6:.0f} MB ({100 * extra / (2 * n):.2f}% of the state)")
+    # decode + apply on the device
+    recv = base.clone()
+    rs = dict(zip(names, recv.split(sizes)))
+    dts = []
+    for i in range(args.repeat + 1):
+        recv.copy_(base)
+        dec = ss.Decoder(rs, 0)
+        sync()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev) if CUDA else 0
+        t0 = time.perf_counter()
+        dec.apply(u)
+        sync()
+        if i:
+            dts.append((time.perf_counter() - t0) * 1e3)
+        dextra = (torch.cuda.max_memory_allocated(dev) - before) if CUDA else 0
+    ok = bool(torch.equal(recv.view(torch.int16), newf.view(torch.int16)))
+    r.update({"decode_apply_ms": min(dts), "decode_extra_bytes": dextra, "decode_extra_frac": dextra / (2 * n),
+              "decoded_equal": ok})
+    say(f"[api] Decoder on {dev}: decode + apply {min(dts):.1f} ms, extra device memory {dextra / 1e6:.0f} MB "
+        f"({100 * dextra / (2 * n):.2f}%); state equal to the new one: {ok}")
+    # the CPU encoder on host copies: the same bytes
+    h0 = {k_: v.cpu() for k_, v in s0.items()}
+    h1 = {k_: v.cpu() for k_, v in s1.items()}
+    t0 = time.perf_counter()
+    hu = ss.Encoder(h0, 0, digest=False).encode(h1, version=1)
+    cpu_ms = (time.perf_counter() - t0) * 1e3
+    same = hu.buckets == u.buckets
+    r.update({"cpu_encode_ms": cpu_ms, "buckets_equal_cpu": bool(same)})
+    say(f"[api] CPU Encoder on the host copy: {cpu_ms:.0f} ms; buckets byte-identical to the GPU Encoder's: {same}")
+    return r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--elements", type=float, default=2e9)
@@ -166,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sample", type=float, default=2e7, help="elements checked byte for byte against the CPU")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds: no new section starts after this")
+    ap.add_argument("--api-elements", type=float, default=5e8, help="elements of the Encoder/Decoder section")
+    ap.add_argument("--api-tensors", type=int, default=4096)
     ap.add_argument("--out", default=None)
     ap.add_argument("--cpu-selfcheck", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -352,16 +441,29 @@ def main(argv=None) -> int:
         except Exception as exc:
             res["errors"].append(f"{key}: {exc!r}")
             say(traceback.format_exc())
+    save()
+    if left() > 40:
+        try:
+            del snap, new, recv, snap_sp, new_sp, recv_sp, old_sp, old
+            if CUDA:
+                torch.cuda.empty_cache()
+            res["sections"]["api"] = api_section(args, timer, dev, g)
+        except Exception as exc:
+            res["errors"].append(f"api: {exc!r}")
+            say(traceback.format_exc())
+    else:
+        res["skipped"].append("api: budget")
     bad = [k for k, v in res["sections"].items() if isinstance(v, dict) and (
         v.get("snapshot_updated") is False or v.get("applied_state_equal") is False
-        or v.get("gpu_cpu_bytes_identical") is False or v.get("sample_equal_cpu") is False)]
+        or v.get("gpu_cpu_bytes_identical") is False or v.get("sample_equal_cpu") is False
+        or v.get("buckets_equal_cpu") is False or v.get("decoded_equal") is False)]
     say("")
     say("summary (model bytes per second; ms):")
     for k, v in res["sections"].items():
         if "encode_ms" in v:
             say(f"  {k:>6}: encode {v['encode_ms']:8.2f} ms {v['encode_model_GBps']:7.0f} GB/s | decode+apply "
                 f"{v.get('decode_apply_ms', float('nan')):8.2f} ms | naive {v.get('naive_ms', float('nan')):8.2f} ms"
-                f" | identical {v.get('gpu_cpu_bytes_identical')}")
+                f" | identical {v.get('gpu_cpu_bytes_identical', v.get('buckets_equal_cpu'))}")
     if bad:
         res["errors"].append(f"correctness failures: {bad}")
     say(f"errors: {res['errors'] or 'none'}; skipped: {res['skipped'] or 'none'}")
