@@ -59,6 +59,8 @@ class UpdateStats:
     sent dense (whole or in part). ``elements`` / ``changed``: elements in the state / changed. ``dense_bytes``: the
     state's size; ``wire_bytes``: every byte of every bucket (headers included), ``header_bytes`` of which are
     framing and headers; ``buckets``: their number; ``encode_seconds``: time spent encoding.
+    ``snapshot_host_bytes``: with ``Encoder(snapshot="pinned")``, bytes of the pinned host snapshot that the CUDA
+    kernels read or wrote across PCIe (the ranges each kernel call covers).
     """
     tensors: int = 0
     tensors_changed: int = 0
@@ -70,6 +72,8 @@ class UpdateStats:
     header_bytes: int = 0
     buckets: int = 0
     encode_seconds: float = 0.0
+
+    snapshot_host_bytes: int = 0
 
     @property
     def density(self) -> float:
@@ -286,6 +290,17 @@ def _tree64_many(ts: list, ptrs: np.ndarray, nbytes: np.ndarray, groups: list | 
     return out
 
 
+SNAPSHOT_MODES = ("device", "pinned", "host")
+
+
+def _host_traffic() -> int:
+    """Bytes of pinned host memory the CUDA kernels of this thread covered so far."""
+    if kernels._emulation is not None:
+        return getattr(kernels._emulation, "host_bytes", 0)
+    from . import kernels_cuda
+    return kernels_cuda.host_traffic()
+
+
 def _host_tensor(t: torch.Tensor) -> torch.Tensor:
     """A tensor in host memory (copied from a device)."""
     return t if t.is_cpu else t.cpu()
@@ -311,9 +326,11 @@ class Encoder:
     wherever the dtype has an exponent, ``False`` = order-0 coding only.
     ``snapshot`` (format 2): where the snapshot of tensors on a GPU lives: ``"device"`` (default: on their device;
     the diff, the coding and the snapshot update run there with the CUDA kernels, and only the coded bytes come to
-    the host) or ``"host"`` (copied to host memory every encode, coded with the CPU kernels). Tensors in host memory
-    are always coded on the host; a state may mix devices. Without usable CUDA kernels, device tensors are copied to
-    the host (logged once per device).
+    the host), ``"pinned"`` (in pinned host memory, for trainers short of device memory: the CUDA kernels still do the
+    work and read the snapshot across PCIe; ``UpdateStats.snapshot_host_bytes`` counts those bytes) or ``"host"``
+    (the state is copied to host memory every encode and coded with the CPU kernels). Tensors in host memory are
+    always coded on the host; a state may mix devices. Without usable CUDA kernels, device tensors are copied to the
+    host (logged once per device).
 
     A version identifies bytes: each :meth:`encode` needs a version above the encoder's current one
     (:attr:`version`), otherwise :class:`VersionConflict`. :meth:`same_as_snapshot` tells whether a state is
@@ -330,11 +347,13 @@ class Encoder:
             raise InvalidArgument(f"format must be one of {list(FORMATS)}, got {_short(format)}")
         if context not in (None, True, False):
             raise InvalidArgument(f"context must be None (by size), True or False, got {_short(context)}")
-        if snapshot not in ("device", "host"):
-            raise InvalidArgument(f"snapshot must be 'device' or 'host', got {_short(snapshot)}")
+        if snapshot not in SNAPSHOT_MODES:
+            raise InvalidArgument(f"snapshot must be one of {list(SNAPSHOT_MODES)}, got {_short(snapshot)}")
         self.format = format
         self.context = context
-        self.on_device = snapshot == "device" and format >= 2     # format 1 codes on the host only
+        self.on_device = snapshot != "host" and format >= 2     # format 1 codes on the host only
+        self.pinned = snapshot == "pinned" and format >= 2
+        self._homes: dict | None = None     # pinned: name -> the device its snapshot's kernels run on
         self._fast = None               # format 2: what the last state looked like (fast path for the next one)
         self._old_spaces: dict[str, Space] | None = None
         self._ldig: bytes | None = None
@@ -359,7 +378,7 @@ class Encoder:
                 base_version = 0
             self._check_version(base_version)
             items = _collect(base, "base", self.on_device)
-            snapshot = {name: t.clone() for name, t in items}
+            snapshot = self._snapshot_of(items)
             self.snapshot = snapshot
             self.layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in snapshot.items()]
             self.version = base_version
@@ -367,6 +386,22 @@ class Encoder:
             self._remember(base, items)      # the first encode of a state like the base takes the fast path
         elif base_version is not None:
             raise InvalidArgument(f"base_version={_short(base_version)} given without base")
+
+    def _snapshot_of(self, items: list) -> dict:
+        """The encoder's own copy of a state: clones where the tensors are, or, with ``snapshot="pinned"``, device
+        tensors copied to pinned host memory (their devices remembered in ``_homes``)."""
+        if not self.pinned:
+            return {name: t.clone() for name, t in items}
+        out, homes = {}, {}
+        for name, t in items:
+            d = kernels.device_of(t)
+            if d is None:
+                out[name] = t.clone()
+            else:
+                out[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=kernels._emulation is None).copy_(t)
+                homes[name] = d
+        self._homes = homes
+        return out
 
     def _set_snapshot(self, snapshot: dict) -> None:
         self.snapshot = snapshot
@@ -380,6 +415,9 @@ class Encoder:
     def _spaces(self) -> dict[str, Space]:
         if self._old_spaces is None:
             self._old_spaces = spaces_of(list(self.snapshot.items()))
+            if self.pinned and self._homes:     # pinned host tensors: the kernels of their state's device
+                for sp in self._old_spaces.values():
+                    sp.set_devices([self._homes.get(n) for n in sp.names])
         return self._old_spaces
 
     def _layout_digest(self) -> bytes:
@@ -657,7 +695,7 @@ class Encoder:
         t0 = time.perf_counter()
         if full:
             self.layout = layout
-            self._set_snapshot({name: t.clone() if self._copy_full else t for name, t in items})
+            self._set_snapshot(self._snapshot_of(items) if self._copy_full else dict(items))
             new_spaces = self._spaces()
         elif slow:
             self._remember(state, items)
@@ -751,10 +789,13 @@ class Encoder:
             if [r[2] for r in old.druns] == [r[2] for r in sp.druns] and \
                     [r[:2] for r in old.druns] == [r[:2] for r in sp.druns]:
                 continue
+            homes = self._homes if self.pinned and self._homes is not None else None
             for name, a, b in zip(sp.names, sp.tensors, old.tensors):
-                if kernels.device_of(a) != kernels.device_of(b):
-                    raise InvalidArgument(f"tensor {name!r} is on {a.device} but the encoder's snapshot of it is on "
-                                          f"{b.device}; keep each tensor on one device (or make a new Encoder)")
+                was = homes.get(name) if homes is not None else kernels.device_of(b)
+                if kernels.device_of(a) != was:
+                    raise InvalidArgument(f"tensor {name!r} is on {a.device} but the encoder's snapshot of it was made "
+                                          f"on {was or 'the host'}; keep each tensor on one device (or make a new "
+                                          "Encoder)")
 
     @staticmethod
     def _changed_names(tp: _TensorPlan, start: int, end: int) -> list[str]:
@@ -872,8 +913,10 @@ class Encoder:
         prev = 0
         dense_names = set()
         i = 0
+        traffic = _host_traffic if self.pinned else None
         while True:
             t1 = time.perf_counter()
+            h0 = traffic() if traffic else 0
             plan, last = next(packer)          # planning (scans) of the tensors in this bucket happens here
             segs, parts, off = [], [], 0
             for sp in plan:
@@ -904,6 +947,8 @@ class Encoder:
             stats.wire_bytes += len(bucket)
             stats.header_bytes += len(bucket) - len(body)
             stats.encode_seconds += time.perf_counter() - t1
+            if traffic:
+                stats.snapshot_host_bytes += traffic() - h0
             i += 1
             if last:
                 stats.dense_tensors = len(dense_names)

@@ -75,7 +75,21 @@ def _check(rc: int, what: str) -> None:
 # spaces on the device
 
 class _DevSpace:
-    __slots__ = ("ptrs_h", "offs_h", "ptrs", "offs", "device", "np", "n", "w", "kb")
+    __slots__ = ("ptrs_h", "offs_h", "ptrs", "offs", "device", "np", "n", "w", "kb", "pinned")
+
+
+_traffic = threading.local()
+
+
+def host_traffic() -> int:
+    """Bytes of pinned host memory (an ``Encoder(snapshot="pinned")`` snapshot) that this thread's kernel calls
+    covered so far: the ranges they read or wrote there, through unified addressing, across PCIe."""
+    return getattr(_traffic, "n", 0)
+
+
+def _count_host(ds: "_DevSpace", nbytes: int) -> None:
+    if ds.pinned:
+        _traffic.n = getattr(_traffic, "n", 0) + int(nbytes)
 
 
 _TABLES: collections.OrderedDict = collections.OrderedDict()
@@ -83,17 +97,28 @@ _TABLES_LOCK = threading.Lock()
 _TABLES_MAX = 256
 
 
-def _space_device(sp) -> torch.device:
+def _space_device(sp) -> tuple[torch.device, bool]:
+    """(the CUDA device whose kernels handle the space, whether its tensors are in pinned host memory). A space is
+    on one device, or in pinned host memory declared to be handled by one device (``Space.set_devices``), which the
+    kernels then read and write through unified virtual addressing."""
     tensors = sp.tensors
     if not tensors:
-        return torch.device("cuda", torch.cuda.current_device())
-    dev = tensors[0].device
-    if dev.type != "cuda":
-        raise KernelError(-1, f"space {sp.dtype}: tensors are on {dev}, not on a CUDA device")
+        return torch.device("cuda", torch.cuda.current_device()), False
+    runs = sp.druns
+    dev = runs[0][2] if len(runs) == 1 else None
+    if not isinstance(dev, torch.device) or dev.type != "cuda":
+        where = sorted({str(t.device) for t in tensors})
+        raise KernelError(-1, f"space {sp.dtype}: tensors are on {', '.join(where)}, not on one CUDA device")
+    pinned = False
     for t in tensors:
-        if t.device != dev:
-            raise KernelError(-1, f"space {sp.dtype}: tensors on several devices ({dev}, {t.device})")
-    return dev
+        if t.device == dev:
+            continue
+        if t.is_cpu and t.is_pinned():
+            pinned = True
+            continue
+        raise KernelError(-1, f"space {sp.dtype}: a tensor on {t.device} in a space of {dev} (host tensors must be "
+                          "in pinned memory)")
+    return dev, pinned
 
 
 def _dev(sp) -> _DevSpace:
@@ -114,9 +139,9 @@ def _dev(sp) -> _DevSpace:
         raise KernelError(-1, "space: offs must be len(ptrs) + 1 non-decreasing prefix sums from 0")
     if ptrs.size and (ptrs % np.uint64(sp.w)).any():
         raise KernelError(-1, f"space {sp.dtype}: a tensor address is not a multiple of the element width {sp.w}")
-    dev = _space_device(sp)
+    dev, pinned = _space_device(sp)
     ds = _DevSpace()
-    ds.ptrs_h, ds.offs_h, ds.device = ptrs, offs, dev
+    ds.ptrs_h, ds.offs_h, ds.device, ds.pinned = ptrs, offs, dev, pinned
     ds.np, ds.n, ds.w, ds.kb = int(ptrs.size), int(offs[-1]), sp.w, sp.kb
     ds.ptrs = torch.from_numpy(ptrs.view(np.int64).copy()).to(dev)
     ds.offs = torch.from_numpy(offs.copy()).to(dev)
@@ -188,6 +213,7 @@ def _touched_merge(touched, dt) -> None:
 POSITIONS_BUDGET = 0.04
 
 def _count(lib, o: _DevSpace, n: _DevSpace, start: int, end: int, st: int) -> int:
+    _count_host(o, (end - start) * o.w)
     cnt = torch.empty(1, dtype=torch.int64, device=o.device)
     _check(lib.ss2_cuda_count(_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, start, end, cnt.data_ptr(), st),
            "ss2_cuda_count")
@@ -199,6 +225,7 @@ def _select(lib, o: _DevSpace, n: _DevSpace, start: int, end: int, count: int, s
     pos = torch.empty(count, dtype=torch.int64, device=o.device)
     if count == 0:
         return pos
+    _count_host(o, (end - start) * o.w)
     nsel = torch.empty(1, dtype=torch.int64, device=o.device)
     tb = ctypes.c_uint64(0)
     args = (_p(o.ptrs), _p(n.ptrs), _p(o.offs), o.np, o.n, o.w, start, end, pos.data_ptr(), nsel.data_ptr())
@@ -232,6 +259,7 @@ def scan2(old, new, mode: int, positions: bool = False):
     nkeys = 1 << o.kb if o.kb else 1
     nblocks = -(-o.n // 4096)
     dev = o.device
+    _count_host(o, o.n * o.w)
     with torch.cuda.device(dev):
         st = _stream(dev)
         counts = torch.empty(max(1, nblocks), dtype=torch.int32, device=dev)
@@ -277,6 +305,8 @@ def encode2(old, new, mode: int, start: int, end: int, log2c: int, cuts, freqs, 
         else:
             positions = _idx_dev(positions, dev)
         npos = positions.numel()
+        # a pinned snapshot: the coder reads the base over the range (keys) or at the changes, and writes the changes
+        _count_host(o, ((end - start) if ncuts else npos) * w + (npos * w if update_old else 0))
         table_cap, data_cap = _native.encode2_caps(start, end, log2c, K, w, npos)   # with the exact count
         ks = np.zeros(K, dtype=np.int32)
         tlen, dlen, nch_out = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
@@ -389,6 +419,7 @@ def gather2(src, start: int, end: int) -> torch.Tensor:
     s = _dev(src)
     if not (0 <= start <= end <= s.n):
         raise KernelError(-1, f"range [{start}, {end}) outside the space ({s.n} elements)")
+    _count_host(s, (end - start) * s.w)
     with torch.cuda.device(s.device):
         out = torch.empty((end - start) * s.w, dtype=torch.uint8, device=s.device)
         rc = lib.ss2_cuda_gather(_p(s.ptrs), _p(s.offs), s.np, s.n, s.w, start, end, _p(out), _stream(s.device))
@@ -403,6 +434,7 @@ def put2(dst, start: int, end: int, data, touched: np.ndarray | None = None) -> 
         raise KernelError(-1, f"range [{start}, {end}) outside the space ({d.n} elements)")
     if touched is not None:
         _native._touched_arg(touched, dst)
+    _count_host(d, (end - start) * d.w)
     with torch.cuda.device(d.device):
         buf = _u8_dev(data, (end - start) * d.w, "data", d.device)
         rc = lib.ss2_cuda_put(_p(d.ptrs), _p(d.offs), d.np, d.n, d.w, start, end, _p(buf), _stream(d.device))
@@ -482,5 +514,5 @@ def tree64(data: torch.Tensor) -> int:
         return int(res.cpu().numpy().view(np.uint64)[0])
 
 
-__all__ = ["CudaKernelsUnavailable", "available", "unavailable_reason", "scan2", "encode2", "decode2", "gather2",
+__all__ = ["CudaKernelsUnavailable", "available", "host_traffic", "unavailable_reason", "scan2", "encode2", "decode2", "gather2",
            "put2", "scatter2", "add_scatter2", "take2", "tree64_many", "tree64", "positions2", "clear_table_cache"]

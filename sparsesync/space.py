@@ -88,15 +88,15 @@ class Space:
         kernels). One run for a space on one device; an empty space has none."""
         if self._druns is None:
             from .kernels import device_of
-            runs: list = []
-            for i, t in enumerate(self.tensors):
-                d = device_of(t)
-                if runs and runs[-1][2] == d:
-                    runs[-1][1] = i + 1
-                else:
-                    runs.append([i, i + 1, d])
-            self._druns = tuple(tuple(r) for r in runs)
+            self._druns = device_runs([device_of(t) for t in self.tensors])
         return self._druns
+
+    def set_devices(self, devices: list) -> None:
+        """Declare the device whose kernels handle each tensor (a snapshot in pinned host memory is handled by the
+        kernels of the device its tensors came from)."""
+        if len(devices) != len(self.names):
+            raise ValueError(f"{len(devices)} devices for {len(self.names)} tensors")
+        self._druns = device_runs(devices)
 
     @property
     def device(self):
@@ -175,6 +175,17 @@ class Space:
         if len(names) == 1:
             return f"tensor {names[0]!r} elements [{e0}, {e0 + end - start})"
         return f"tensors {names[0]!r} .. {names[-1]!r} ({len(names)} tensors, {self.dtype} elements [{start}, {end}))"
+
+
+def device_runs(devices: list) -> tuple:
+    """``((i0, i1, device), ...)``: runs of equal consecutive devices."""
+    runs: list = []
+    for i, d in enumerate(devices):
+        if runs and runs[-1][2] == d:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, d])
+    return tuple(tuple(r) for r in runs)
 
 
 def spaces_of(items: list[tuple[str, torch.Tensor]]) -> dict[str, Space]:

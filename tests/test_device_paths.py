@@ -112,15 +112,17 @@ def _versions(seed, n=4, density=0.02):
     return s
 
 
+@pytest.mark.parametrize("snapshot", ["device", "pinned"])
 @pytest.mark.parametrize("values", ["delta", "raw"])
 @pytest.mark.parametrize("context", [None, False, True])
-def test_one_device_makes_the_cpu_encoders_bytes_and_applies_there(emu, values, context):
+def test_one_device_makes_the_cpu_encoders_bytes_and_applies_there(emu, values, context, snapshot):
     states = _versions(1)
     kernels._emulation = None
     host_enc = ss.Encoder(states[0], 0, values=values, context=context, digest=True, bucket_bytes=1 << 14)
     want = [host_enc.encode(s, version=v).buckets for v, s in enumerate(states[1:], 1)]
     e = emu(ONE)
-    enc = ss.Encoder(_clone(states[0]), 0, values=values, context=context, digest=True, bucket_bytes=1 << 14)
+    enc = ss.Encoder(_clone(states[0]), 0, values=values, context=context, digest=True, bucket_bytes=1 << 14,
+                     snapshot=snapshot)
     mirror = _clone(states[0])
     dec = ss.Decoder(mirror, 0)
     assert dec.formats == (2,) and dec.devices == ["fake:0"]
@@ -134,11 +136,14 @@ def test_one_device_makes_the_cpu_encoders_bytes_and_applies_there(emu, values, 
     assert e.kernels.calls["tree64_many"]          # the digests were computed by the device kernels too
 
 
-@pytest.mark.parametrize("seed", [2, 3])
-def test_state_spread_over_devices_and_host_round_trips(emu, seed):
+@pytest.mark.parametrize("seed,snapshot", [(2, "device"), (3, "device"), (2, "pinned")])
+def test_state_spread_over_devices_and_host_round_trips(emu, seed, snapshot):
     e = emu(MIXED)
     states = _versions(seed, n=5)
-    enc = ss.Encoder(_clone(states[0]), 0, digest=True, bucket_bytes=1 << 13)
+    enc = ss.Encoder(None if snapshot == "pinned" else _clone(states[0]), 0 if snapshot != "pinned" else None,
+                     digest=True, bucket_bytes=1 << 13, snapshot=snapshot)
+    if snapshot == "pinned":        # the first update is a full one (a snapshot made by encode, not by the base)
+        enc.encode(states[0], version=0)
     mirror, host_mirror = _clone(states[0]), _clone(states[0])
     dec = ss.Decoder(mirror, 0)
     assert dec.devices == ["fake:0", "fake:1"]

@@ -129,3 +129,20 @@ def test_gpu_trainer_feeds_cpu_receiver_and_cpu_trainer_feeds_gpu_receiver():
                     snd.push(_to(s, src), version=v)
                     assert r.wait_for(v, timeout=60)
                     assert _equal(mirror, s), (src, dst, v)
+
+
+def test_gpu_encoder_with_a_pinned_host_snapshot():
+    """snapshot="pinned": the snapshot sits in pinned host memory, the CUDA kernels read it across PCIe; the bytes
+    are still the CPU encoder's, and the stats count the snapshot bytes the kernels covered."""
+    states = _versions(5)
+    cpu = ss.Encoder(states[0], 0, digest=True)
+    gpu = ss.Encoder(_to(states[0], "cuda"), 0, digest=True, snapshot="pinned")
+    if not SELF:
+        assert all(t.is_cpu and t.is_pinned() for t in gpu.snapshot.values())
+    for v, s in enumerate(states[1:], 1):
+        want = cpu.encode(s, version=v)
+        got = gpu.encode(_to(s, "cuda"), version=v)
+        assert got.buckets == want.buckets, f"version {v}"
+        if not SELF:
+            assert got.stats.snapshot_host_bytes >= got.stats.dense_bytes     # at least one read of the snapshot
+    assert gpu.same_as_snapshot(_to(states[-1], "cuda"))
