@@ -1050,69 +1050,9 @@ int range_copy(const uint64_t* ptrs, const int64_t* offs, int64_t np, int w, int
 }
 
 // ---------------------------------------------------------------- tree64 of many buffers
+// (csrc/hash.cpp: ss::tree64_batch)
 int tree64_many(const uint64_t* ptrs, const uint64_t* lens, int64_t count, uint64_t* out, int nthreads) {
-  if (count < 0 || (count > 0 && (!ptrs || !lens || !out))) return SS_EARG;
-  if (count == 0) return SS_OK;
-  std::vector<uint64_t> base((size_t)count + 1);
-  base[0] = 0;
-  uint64_t bytes = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    if (lens[i] && !ptrs[i]) return SS_EARG;
-    const uint64_t nl = lens[i] == 0 ? 1 : (lens[i] + kLeafBytes - 1) / kLeafBytes;
-    base[(size_t)i + 1] = base[(size_t)i] + nl;
-    bytes += lens[i];
-  }
-  const uint64_t nleaves = base[(size_t)count];
-  std::vector<uint8_t> leaves((size_t)(nleaves * 8));
-  const int64_t per_task = 64;
-  const int64_t ntasks = (int64_t)((nleaves + per_task - 1) / per_task);
-  const int nt = plan_threads(nthreads, ntasks, (int64_t)bytes + (int64_t)nleaves * 64, 1 << 20);
-  parallel_for(ntasks, nt, [&](int64_t task, int) {
-    const uint64_t b = (uint64_t)task * per_task, e = std::min<uint64_t>(nleaves, b + per_task);
-    // buffer holding leaf b: the largest i with base[i] <= b
-    int64_t lo = 0, hi = count;
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (base[(size_t)mid] <= b)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    // full leaves in batches of 8 (whatever buffer they belong to), short leaves one by one
-    const uint8_t* src[8] = {};
-    uint64_t seeds[8] = {}, slot[8] = {}, h[8];
-    int nb = 0;
-    for (int64_t i = lo; i < count && base[(size_t)i] < e; ++i) {
-      const uint64_t lb = std::max(b, base[(size_t)i]) - base[(size_t)i];
-      const uint64_t le = std::min(e, base[(size_t)i + 1]) - base[(size_t)i];
-      const uint8_t* data = (const uint8_t*)(uintptr_t)ptrs[i];
-      for (uint64_t l = lb; l < le; ++l) {
-        const uint64_t off = l * kLeafBytes;
-        if (lens[i] - std::min(lens[i], off) < kLeafBytes) {
-          store_u64(leaves.data() + (base[(size_t)i] + l) * 8, h64(data + off, lens[i] - off, l));
-          continue;
-        }
-        src[nb] = data + off;
-        seeds[nb] = l;
-        slot[nb] = base[(size_t)i] + l;
-        if (++nb == 8) {
-          hash_full_leaves(src, seeds, 8, h);
-          for (int q = 0; q < 8; ++q) store_u64(leaves.data() + slot[q] * 8, h[q]);
-          nb = 0;
-        }
-      }
-    }
-    hash_full_leaves(src, seeds, nb, h);
-    for (int q = 0; q < nb; ++q) store_u64(leaves.data() + slot[q] * 8, h[q]);
-  });
-  const int64_t per_task2 = 256;
-  const int64_t ntasks2 = (count + per_task2 - 1) / per_task2;
-  parallel_for(ntasks2, plan_threads(nthreads, ntasks2, (int64_t)nleaves * 8, 1 << 20), [&](int64_t task, int) {
-    const int64_t b = task * per_task2, e = std::min(count, b + per_task2);
-    for (int64_t i = b; i < e; ++i)
-      out[i] = tree64_top(leaves.data() + base[(size_t)i] * 8, base[(size_t)i + 1] - base[(size_t)i], lens[i]);
-  });
-  return SS_OK;
+  return ::ss::tree64_batch(ptrs, lens, count, out, nthreads);
 }
 
 }  // namespace f2

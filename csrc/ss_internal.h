@@ -229,6 +229,8 @@ void hash_leaves(const uint8_t* data, uint64_t len, uint64_t b, uint64_t e, uint
 uint64_t tree64_top(const uint8_t* leaves, uint64_t nleaves, uint64_t len);
 // out[i] = h64 of the full leaf (4096 bytes) at src[i] with seed seeds[i], 8 at a time with AVX-512.
 void hash_full_leaves(const uint8_t* const* src, const uint64_t* seeds, int count, uint64_t* out);
+// out[i] = tree64 of the lens[i] bytes at ptrs[i], for count buffers, in parallel (ss2_tree64_many).
+int tree64_batch(const uint64_t* ptrs, const uint64_t* lens, int64_t count, uint64_t* out, int nthreads);
 int simd(int max_level);
 
 // SS_OK when tree64 of the decoded values (FORMAT.md: values_hash) is `expected`, else SS_EHASH.

@@ -748,6 +748,22 @@ def test_scatter_add_take_gather_put(dtype_name, threads):
         _native.gather2(sp, 0, n + 1)
 
 
+def test_tree64_many_batches_small_tensors(threads, simd):
+    """Many small tensors of a few lengths (leaves hashed 8 of one length at a time across tensors, more lengths
+    than batch slots, tails of every size), large ones split into leaf ranges: each hash equals tree64 of the
+    tensor alone, and a sample equals the pure-PyTorch reference."""
+    from sparsesync import reference
+    rng = random.Random(11)
+    lengths = [0, 1, 31, 32, 33, 2048, 4095, 4096, 4097, 8191, 12288, 5000]
+    bufs = [torch.randint(0, 256, (rng.choice(lengths),), dtype=torch.uint8) for _ in range(700)]
+    bufs += [torch.randint(0, 256, (4096 * 70 + 13,), dtype=torch.uint8), torch.randint(0, 256, (300,), dtype=torch.uint8)]
+    rng.shuffle(bufs)
+    got = _native.tree64_many(bufs).tolist()
+    assert got == [_native.tree64(b) for b in bufs]
+    for i in range(0, len(bufs), 37):
+        assert got[i] == reference.tree64(bufs[i]), i
+
+
 def test_tree64_many(threads):
     g = torch.Generator().manual_seed(3)
     tensors = [torch.empty(0, dtype=torch.float32), torch.randn(1, generator=g).to(torch.bfloat16)]
