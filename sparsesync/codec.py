@@ -26,7 +26,7 @@ from .errors import (BaseMismatch, CorruptPayload, InvalidArgument, InvalidType,
                      SparseSyncError, VersionConflict, VersionMismatch)
 from .format import (FORMATS, VALUE_MODES, Header, Segment, Segment2, build_freq, entropy_bits, header_hash,
                      pack_bucket, pack_freq, parse_bucket, rice_bits, unpack_freq, update_uid)
-from .plan2 import plan_bits, plan_classes, plan_regions, tables_bits
+from .plan2 import FINE, merge_runs, plan_bits, plan_classes, plan_regions, tables_bits
 from .space import Space, gc_paused, spaces_of
 from .kernels import impl
 from .reference import E_ARG, E_HASH, MODE_DELTA_DEFERRED, KernelError, extra_bits_for, max_symbol
@@ -754,15 +754,18 @@ class Encoder:
                     pool = plan_classes(hist_all, keys_all, 1.0, sp.n, sp.w, self.mode, ctx)
                     pool_ref = (hist_all, np.maximum(keys_all, hist_all.sum(axis=1)))
                 gains = self._gains.setdefault(dn, {})
-                for i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos, run_old in runs:
+                cps = [plan_classes(r[4], r[5], r[6], r[2].n, sp.w, self.mode, ctx) if r[7] else None for r in runs]
+                for (i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos, run_old), cp in zip(runs, cps):
+                    if pool is not None and total and i1 == i0 + 1:
+                        own = plan_bits(cp, hist, keys, scale, run_new.n) + tables_bits(cp)
+                        gains[i0] = plan_bits(pool, hist, keys, scale, run_new.n, pool_ref) - own
+                if len(runs) > 1 and not multi:
+                    runs, cps = self._merged(sp, old, runs, cps, ctx)
+                for (i0, i1, run_new, counts, hist, keys, scale, total, pieces, pos, run_old), cp in zip(runs, cps):
                     if not total:
                         continue
                     stats.changed += total
                     stats.tensors_changed += int(np.count_nonzero(pieces))
-                    cp = plan_classes(hist, keys, scale, run_new.n, sp.w, self.mode, ctx)
-                    if pool is not None and i1 == i0 + 1:
-                        own = plan_bits(cp, hist, keys, scale, run_new.n) + tables_bits(cp)
-                        gains[i0] = plan_bits(pool, hist, keys, scale, run_new.n, pool_ref) - own
                     o0 = int(sp.offs[i0])
                     log.debug("space %s tensors %d..%d: %d of %d elements changed, %s, about %.3f bits per change",
                               dn, i0, i1 - 1, total, run_new.n,
@@ -796,6 +799,38 @@ class Encoder:
                     raise InvalidArgument(f"tensor {name!r} is on {a.device} but the encoder's snapshot of it was made "
                                           f"on {was or 'the host'}; keep each tensor on one device (or make a new "
                                           "Encoder)")
+
+    def _merged(self, sp: Space, old: Space, runs: list, cps: list, ctx) -> tuple[list, list]:
+        """Format 2: merge adjacent scanned runs that are cheaper planned and coded as one (plan2.merge_runs: one
+        segment header, one set of classes and tables instead of two, against what coding both with the same
+        classes and tables costs). The decision uses the scan's statistics only, never whether it returned the
+        positions (the CUDA scan keeps fewer than the CPU one), so every encoder writes the same bytes; a merged run
+        without the positions of all its parts is scanned again for its block counts and positions."""
+        groups = merge_runs([(r[4], np.asarray(r[5], dtype=np.float64) * r[6], r[2].n, r[3], True)
+                             for r in runs], sp.w, self.mode, ctx, cps)
+        if len(groups) == len(runs):
+            return runs, cps
+        out = []
+        for a, b, _ in groups:
+            if b == a + 1:
+                out.append(runs[a])
+                continue
+            part = runs[a:b]
+            i0, i1 = part[0][0], part[-1][1]
+            whole = (i0, i1) == (0, len(sp.names))
+            run_new, run_old = (sp, old) if whole else (sp.sub(i0, i1), old.sub(i0, i1))
+            if all(r[9] is not None for r in part):
+                pos = torch.cat([r[9] for r in part])       # space indices, ascending (on the scan's device)
+                counts = torch.bincount(torch.div(pos - int(sp.offs[i0]), FINE, rounding_mode="floor"),
+                                        minlength=-(-run_new.n // FINE)).cpu().numpy().astype(np.uint32)
+            else:
+                counts, *_, pos = kernels.for_space(run_old).scan2(run_old, run_new, self.mode, positions=True)
+                if pos is not None and i0:
+                    pos = pos + int(sp.offs[i0])
+            out.append((i0, i1, run_new, counts, sum(r[4].astype(np.float64) for r in part),
+                        sum(np.asarray(r[5], dtype=np.float64) * r[6] for r in part), 1.0,
+                        sum(r[7] for r in part), np.concatenate([r[8] for r in part]), pos, run_old))
+        return out, [g[2] for g in groups]
 
     @staticmethod
     def _changed_names(tp: _TensorPlan, start: int, end: int) -> list[str]:

@@ -1,9 +1,12 @@
-"""Planning of format-2 updates (FORMAT.md §6): which ranges of a space go dense or sparse, with which chunk size,
-and which classes of base keys the sparse segments use. Everything here is an estimate from the scan's statistics:
-it decides sizes, never correctness (the kernels code whatever they are given exactly).
+"""Planning of format-2 updates (FORMAT.md §6): which runs of a space's tensors are planned together, which ranges
+go dense or sparse, with which chunk size, and which classes of base keys and which value tables the sparse segments
+use. Everything here is an estimate from the scan's statistics: it decides sizes, never correctness (the kernels code
+whatever they are given exactly). The estimates count what a segment's header costs (its fields, its classes, its
+value tables) in the bytes msgpack writes, so that a class, a table or a segment is only paid where it wins that back.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +21,6 @@ CHUNK_TARGET = 4096           # about this many changes per chunk (parallel deco
 MIN_LOG2C, MAX_LOG2C = 12, 30
 SPLIT_ZERO_BLOCKS = 256       # a sparse run is cut where this many fine blocks in a row have no change
 DENSE_MARGIN = 256            # a run goes dense only if that saves more than this many bytes
-TABLE_SHARE = 0.3             # planning: the part of a value table a position class is charged (tables are shared)
 
 
 def _rice_bits(p: np.ndarray) -> np.ndarray:
@@ -42,8 +44,9 @@ def _entropy_rows(h: np.ndarray) -> np.ndarray:
     return -(h * lg).sum(axis=1)
 
 
+@functools.lru_cache(maxsize=None)
 def extra_bits_table(w: int, mode: int) -> np.ndarray:
-    """Extra bits (FORMAT.md §4.2) of each value symbol."""
+    """Extra bits (FORMAT.md §4.2) of each value symbol (a shared array: do not modify)."""
     return np.array([extra_bits_for(s, w, mode) if s <= max_symbol(w, mode) else 0 for s in range(256)],
                     dtype=np.float64)
 
@@ -52,18 +55,49 @@ def extra_bits_table(w: int, mode: int) -> np.ndarray:
 class ClassPlan:
     cuts: list                # FORMAT.md §6.3
     freqs: np.ndarray         # (K, 256) uint32
-    bits_per_change: float    # estimated coded bits per changed element (positions + values + extra bits)
+    bits_per_change: float    # estimated coded bits per changed element (positions + values + extra bits, and the
+                              # classes' and tables' header bits of the ``segments`` segments expected)
     context: bool             # cuts are used (decode reads the base)
+    header_bits: float = 0.0  # header bits of the classes and tables in one segment
+    segments: float = 1.0     # segments the estimate counted those header bits for
+
+
+# Header bits of a class in a segment (FORMAT.md §6.2/§6.3, msgpack): its cut (a positive fixint: key < 128, else
+# uint8), then its ``cls`` entry: nil, or [k, freq] = fixarray + fixint k + bin8 header + the table's bytes (none when
+# the class shares the table of the present class before it).
+NIL_BITS = 8.0
+ENTRY_BITS = 8.0 * 4
+
+
+def _cut_bits(first_key: np.ndarray) -> np.ndarray:
+    return np.where(np.asarray(first_key) < 128, 8.0, 16.0)
+
+
+def _table_bits_rows(h: np.ndarray, syms: np.ndarray) -> np.ndarray:
+    """Bits of the packed value table (FORMAT.md §4.3: varint S, then varint symbol and varint f per symbol) of each
+    row of a histogram over the symbols ``syms``, with f the row's counts scaled to 4096 (as build_freq does)."""
+    h = np.asarray(h, dtype=np.float64)
+    tot = h.sum(axis=-1, keepdims=True)
+    f = h * 4096.0 / np.where(tot > 0, tot, 1.0)
+    present = h > 0
+    nsym = present.sum(axis=-1)
+    sym_bytes = np.where(np.asarray(syms) < 128, 1.0, 2.0)
+    f_bytes = np.where(f < 128, 1.0, 2.0)
+    return 8.0 * (np.where(nsym < 128, 1.0, 2.0) + (present * (sym_bytes + f_bytes)).sum(axis=-1))
 
 
 def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w: int, mode: int,
-                 context: bool | None) -> ClassPlan:
+                 context: bool | None, tables: bool = True) -> ClassPlan:
     """Choose classes for a space from the scan's (key, symbol) histogram of changes and its sampled key counts.
 
     ``context``: None = by estimated size, True = use classes whenever the dtype has keys, False = one class.
-    Greedy: every occurring key starts as its own class; adjacent classes merge while merging costs fewer position
-    bits than a class costs (its final gaps, Rice parameter and cut), and until at most MAX_CLASSES remain. Then
-    neighbouring classes share value tables while a table of their own would not pay for itself.
+    Classes are runs of adjacent occurring keys and tables are shared by runs of adjacent classes (FORMAT.md §6.3: an
+    empty table refers back), so the partition is found exactly by dynamic programming over the occurring keys: a
+    *group* of keys shares one value table (its entropy plus the table's bytes) and is split into classes each of
+    which codes its own positions (Rice bits at the class's density, its final gap in every chunk, its cut and its
+    header entry). Everything a class or table costs in a segment's header is counted in exact bytes, once per
+    segment the run is expected to be cut into; that is what a class has to win back in position or value bits.
+    ``tables=False``: the estimate only (``freqs`` is None).
     """
     hist = np.asarray(hist, dtype=np.float64)
     total = hist.sum()
@@ -71,79 +105,251 @@ def plan_classes(hist: np.ndarray, keys: np.ndarray, key_scale: float, n: int, w
     ext = extra_bits_table(w, mode)
     extra = float((sym * ext).sum())
     nchunks = max(1.0, total / CHUNK_TARGET)
-    o0_bits = float(_rice_bits(np.array([total / max(n, 1)]))[0] * total + _entropy_rows(sym[None, :])[0] + extra)
-    o0 = ClassPlan([], build_freq(sym)[None, :], o0_bits / max(total, 1), False)
+    nseg = max(1.0, nchunks / 64)
+    used = np.flatnonzero(sym)          # the symbols that occur (the planning below works on them only)
+
+    def one_class_bits(n_, c_, h_):
+        pos = float(_rice_bits(np.array([c_ / max(n_, 1)]))[0] * c_) + nchunks * (2.0 + math.log2(max(n_ / c_, 1.0)))
+        return pos + float(_entropy_rows(h_[None, :])[0]) + \
+            nseg * (ENTRY_BITS + float(_table_bits_rows(h_[None, :], used)[0]))
+
+    o0_bits = (one_class_bits(float(max(n, 1)), total, sym[used]) + extra) if total else 0.0
+    o0_head = ENTRY_BITS + float(_table_bits_rows(sym[None, used], used)[0]) if total else 0.0
+    o0 = ClassPlan([], build_freq(sym)[None, :] if tables else None, o0_bits / max(total, 1), False, o0_head, nseg)
     if context is False or hist.shape[0] == 1 or total == 0:
         return o0
     chg = hist.sum(axis=1)
     cnt = np.maximum(np.asarray(keys, dtype=np.float64) * key_scale, chg)
     occ = np.flatnonzero(cnt > 0)
-    used = np.flatnonzero(sym)          # the symbols that occur (the planning below works on them only)
-    hist_u = hist[:, used]
     if occ.size <= 1:
-        return o0 if context is None else ClassPlan([], o0.freqs, o0.bits_per_change, False)
-    # position classes. Units: [first key, n elements, changes, symbol histogram]
-    first = occ.copy()
-    un = cnt[occ].copy()
-    uc = chg[occ].copy()
-    uh = hist_u[occ].copy()
-    nseg = max(1.0, nchunks / 64)
-
-    def cost(n_, c_, h_):
-        """Bits of classes: positions, values (as if with a table of its own) and what a present class costs
-        besides: its final gap in every chunk, its Rice parameter and cut in every segment, and part of a value
-        table (neighbours may share one; decided below)."""
-        present = c_ > 0
-        pos = np.where(present, _rice_bits_lut(np.where(n_ > 0, c_ / np.maximum(n_, 1), 1.0)) * c_, 0.0)
-        finals = np.where(present, nchunks * (2.0 + np.log2(np.maximum(n_ / np.maximum(c_, 1), 1.0))), 0.0)
-        table = np.where(present, TABLE_SHARE * 8.0 * (2 + 2 * (h_ > 0).sum(axis=1)) * nseg, 0.0)
-        return pos + finals + np.where(present, 24.0 * nseg, 8.0 * nseg) + _entropy_rows(h_) + table
-
-    cur = cost(un, uc, uh)
-    while first.size > 1:
-        mn, mc = un[:-1] + un[1:], uc[:-1] + uc[1:]
-        delta = cost(mn, mc, uh[:-1] + uh[1:]) - cur[:-1] - cur[1:]
-        j = int(np.argmin(delta))
-        if delta[j] > 0 and first.size <= MAX_CLASSES:
-            break
-        un = np.concatenate([un[:j], mn[j:j + 1], un[j + 2:]])
-        uc = np.concatenate([uc[:j], mc[j:j + 1], uc[j + 2:]])
-        uh = np.concatenate([uh[:j], uh[j:j + 1] + uh[j + 1:j + 2], uh[j + 2:]])
-        first = np.concatenate([first[:j + 1], first[j + 2:]])
-        cur = np.concatenate([cur[:j], cost(mn[j:j + 1], mc[j:j + 1], uh[j:j + 1]), cur[j + 2:]])
-    if first.size == 1:
-        return o0 if context is None else ClassPlan([], o0.freqs, o0.bits_per_change, False)
-    # value tables: neighbouring present classes share one (FORMAT.md §6.3: an empty table refers back) while a
-    # table of its own would save fewer bits than it costs
-    groups = [[i] for i in range(first.size) if uc[i] > 0]
-    gh = [uh[g[0]].copy() for g in groups]
-
-    def table_bits(h):
-        return 8.0 * (2 + 2 * int((h > 0).sum())) * nseg
-
-    while len(groups) > 1:
-        ent = _entropy_rows(np.stack(gh))
-        merged = _entropy_rows(np.stack([gh[i] + gh[i + 1] for i in range(len(gh) - 1)]))
-        gain = merged - ent[:-1] - ent[1:] - np.array([table_bits(gh[i + 1]) for i in range(len(gh) - 1)])
-        j = int(np.argmin(gain))
-        if gain[j] > 0:
-            break
-        groups[j] += groups.pop(j + 1)
-        gh[j] = gh[j] + gh.pop(j + 1)
-    val_bits = float(_entropy_rows(np.stack(gh)).sum()) + sum(table_bits(h) for h in gh)
-    own_vals = _entropy_rows(uh) + np.where(uc > 0, TABLE_SHARE * 8.0 * (2 + 2 * (uh > 0).sum(axis=1)) * nseg, 0.0)
-    ctx_bits = float(cur.sum() - own_vals.sum() + val_bits + extra)
+        return o0
+    hist_u = hist[occ][:, used]
+    plan = _partition(occ, cnt[occ], chg[occ], hist_u, used, nchunks, nseg)
+    if plan is None:            # one class is best: order-0 coding (no base needed to decode)
+        return o0
+    classes, groups, bits, head = plan
+    ctx_bits = bits + extra
     if context is None and ctx_bits >= 0.97 * o0_bits:
         return o0
-    cuts = [int(k) for k in first[1:]]
-    freqs = np.zeros((first.size, 256), dtype=np.uint32)
-    for g, h in zip(groups, gh):
+    cuts = [int(occ[a]) for a, _ in classes[1:]]
+    if not tables:
+        return ClassPlan(cuts, None, ctx_bits / max(total, 1), True, head, nseg)
+    freqs = np.zeros((len(classes), 256), dtype=np.uint32)
+    for g in groups:
+        h = hist_u[classes[g[0]][0]:classes[g[-1]][1]].sum(axis=0)
+        if not h.any():
+            continue
         full = np.zeros(256, dtype=np.float64)
         full[used] = h
         f = build_freq(full)
         for i in g:
-            freqs[i] = f
-    return ClassPlan(cuts, freqs, ctx_bits / max(total, 1), True)
+            if hist_u[classes[i][0]:classes[i][1]].any():
+                freqs[i] = f
+    return ClassPlan(cuts, freqs, ctx_bits / max(total, 1), True, head, nseg)
+
+
+def _partition(first: np.ndarray, un: np.ndarray, uc: np.ndarray, uh: np.ndarray, used: np.ndarray,
+               nchunks: float, nseg: float):
+    """Optimal classes and table groups over the occurring keys ``first`` (units with element counts ``un``, change
+    counts ``uc`` and symbol histograms ``uh``). Returns (classes as [start, end) unit ranges, groups as lists of
+    class indices sharing a table, estimated bits without extra bits, header bits of the classes and tables in one
+    segment), or None when one class is best."""
+    U = first.size
+    pn = np.concatenate([[0.0], np.cumsum(un)])
+    pc = np.concatenate([[0.0], np.cumsum(uc)])
+    ph = np.concatenate([np.zeros((1, uh.shape[1])), np.cumsum(uh, axis=0)])
+    cut = np.concatenate([[0.0], _cut_bits(first[1:])])      # the first class has no cut
+    i_, j_ = np.meshgrid(np.arange(U + 1), np.arange(U + 1), indexing="ij")
+    valid = j_ > i_
+    N = np.where(valid, pn[j_] - pn[np.minimum(i_, U)], 1.0)
+    C = np.where(valid, pc[j_] - pc[np.minimum(i_, U)], 0.0)
+    present = C > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dens = np.where(present, C / np.maximum(N, 1.0), 1.0)
+        pos = np.where(present, _rice_bits_lut(dens) * C
+                       + nchunks * (2.0 + np.log2(np.maximum(N / np.maximum(C, 1.0), 1.0))), 0.0)
+    head = cut[np.minimum(i_, U - 1)] + np.where(present, ENTRY_BITS, NIL_BITS)
+    # values of a table group [i, j): entropy of its histogram plus the table's bytes (none without change)
+    ent = np.zeros((U + 1, U + 1))
+    tab = np.zeros((U + 1, U + 1))
+    step = max(1, (1 << 21) // ((U + 1) * max(1, ph.shape[1])))      # columns per pass (bounded memory)
+    for j0 in range(1, U + 1, step):
+        j1 = min(U + 1, j0 + step)
+        h = np.maximum(ph[j0:j1, None, :] - ph[None, :, :], 0.0).reshape(-1, ph.shape[1])
+        ent[:, j0:j1] = _entropy_rows(h).reshape(j1 - j0, U + 1).T
+        tab[:, j0:j1] = np.where(h.any(axis=1), _table_bits_rows(h, used), 0.0).reshape(j1 - j0, U + 1).T
+    grp_val = np.where(valid, ent + nseg * tab, np.inf)
+    penalty = 0.0
+    for _ in range(12):
+        cls_cost = np.where(valid, pos + nseg * (head + penalty), np.inf)
+        # best split of units [i, j) into classes (bp), then of [0, U) into table groups (best); the argmins are
+        # found again for the few ranges the reconstruction visits
+        bp = np.full((U + 1, U + 1), np.inf)
+        bp[:, 1] = cls_cost[:, 1]
+        for j in range(2, U + 1):
+            bp[:j, j] = np.minimum(cls_cost[:j, j], (bp[:j, 1:j] + cls_cost[1:j, j]).min(axis=1))
+        grp = bp + grp_val
+        best = np.zeros(U + 1)
+        for j in range(1, U + 1):
+            best[j] = (best[:j] + grp[:j, j]).min()
+        bounds, j = [], U
+        while j > 0:
+            i = int(np.argmin(best[:j] + grp[:j, j]))
+            bounds.append((i, j))
+            j = i
+        bounds.reverse()
+
+        def classes_of(a, b):
+            if b - a <= 1:
+                return [(a, b)]
+            m = int(np.argmin(bp[a, a + 1:b] + cls_cost[a + 1:b, b])) + a + 1
+            if bp[a, m] + cls_cost[m, b] >= cls_cost[a, b]:
+                return [(a, b)]
+            return classes_of(a, m) + [(m, b)]
+        classes, groups = [], []
+        for a, b in bounds:
+            cs = classes_of(a, b)
+            groups.append(list(range(len(classes), len(classes) + len(cs))))
+            classes.extend(cs)
+        if len(classes) <= MAX_CLASSES:
+            break
+        penalty = 64.0 if penalty == 0 else penalty * 2
+    else:
+        return None
+    if len(classes) == 1:
+        return None
+    bits = float(best[U]) - nseg * penalty * len(classes)
+    hbits = sum(float(cut[min(a, U - 1)]) + (ENTRY_BITS if pc[b] > pc[a] else NIL_BITS) for a, b in classes)
+    hbits += sum(float(tab[classes[g[0]][0], classes[g[-1]][1]]) for g in groups)
+    return classes, groups, bits, hbits
+
+
+# A sparse segment's own header fields besides its classes (FORMAT.md §6.2, msgpack): the array header, the space's
+# name, kind, start, end, log2c, table_len, off, len, the headers of cuts and cls, values_hash and nchanged.
+SEGMENT_BITS = 8.0 * 44
+
+
+def _regions(counts: np.ndarray) -> tuple[int, int, int]:
+    """(first, last) fine block with a change and the sparse segments plan_regions cuts the blocks into (it cuts at
+    SPLIT_ZERO_BLOCKS blocks in a row without change); (-1, -1, 0) without change."""
+    nz = np.flatnonzero(np.asarray(counts))
+    if nz.size == 0:
+        return -1, -1, 0
+    return int(nz[0]), int(nz[-1]), 1 + int(np.count_nonzero(np.diff(nz) > SPLIT_ZERO_BLOCKS))
+
+
+def _h2_bits(n: np.ndarray, c: np.ndarray) -> float:
+    """Sum of n * H2(c / n) (bits): what positions cost at least, coded with these element and change counts."""
+    n = np.maximum(np.asarray(n, dtype=np.float64), np.asarray(c, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(n > 0, c / np.where(n > 0, n, 1.0), 0.0)
+        q = 1.0 - p
+        h = -(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+              + np.where(q > 0, q * np.log2(np.where(q > 0, q, 1.0)), 0.0))
+    return float((n * h).sum())
+
+
+def merge_runs(runs: list, w: int, mode: int, context: bool | None, plans: list | None = None) -> list:
+    """Which adjacent runs of a space are better planned (and coded) as one.
+
+    ``runs``: consecutive ranges of a space, each (hist, keys, n, counts, mergeable): the scan's histogram of (key,
+    symbol) of the changes, the estimated element count of each key, the element count, the change counts per fine
+    block from the range's start, and whether it may be merged at all. ``plans``: plan_classes of each run when the
+    caller has them. Returns [(a, b, plan)]: the merged runs as [a, b) index ranges covering all of ``runs`` in
+    order, each with its plan (None for a run without change).
+
+    Each run is a segment of its own (or more, where long stretches without change cut it) that pays its header, its
+    classes and its value tables; one run planned for two ranges pays them once but codes both with one set of
+    classes and tables, which costs bits where their statistics differ. In one pass from left to right, a run joins
+    the group before it when the plan of the merged statistics (plan_classes: positions, values, classes, tables)
+    plus the segment headers it needs is estimated below the two apart (one pass: about one plan per run, so a
+    space of many similar runs is decided in about the time planning them takes). A pair is planned only if its
+    lower bound (positions and values with every key its own class and table, no header) leaves room for a saving,
+    so runs that clearly differ cost a few vector operations. Runs without change go with the runs around them when
+    those merge (their elements dilute the classes' densities, which the merged plan counts)."""
+    R = len(runs)
+    ext = extra_bits_table(w, mode)
+
+    def est(cp, total, nseg):
+        if total == 0:
+            return 0.0
+        data = cp.bits_per_change * total - cp.segments * cp.header_bits
+        return data + max(nseg, cp.segments) * (SEGMENT_BITS + cp.header_bits)
+
+    hists = [np.asarray(r[0], dtype=np.float64) for r in runs]
+    used = np.flatnonzero(sum(h.sum(axis=0) for h in hists)) if R else np.zeros(0, dtype=np.int64)
+    ext_u = ext[used]
+    nkeys = hists[0].shape[0] if R else 0
+
+    def full(h):
+        f = np.zeros((nkeys, ext.size))
+        f[:, used] = h
+        return f
+
+    groups = []
+    for i, (h, (_, k, n, counts, ok)) in enumerate(zip(hists, runs)):
+        k = np.asarray(k, dtype=np.float64)
+        first, last, segs = _regions(counts)
+        total = float(h.sum())
+        cp = plans[i] if plans is not None and plans[i] is not None else \
+            (plan_classes(h, k, 1.0, int(n), w, mode, context) if total else None)
+        groups.append({"a": i, "b": i + 1, "h": h[:, used], "k": k, "n": int(n), "total": total, "first": first,
+                       "last": last, "segs": segs, "blocks": -(-int(n) // FINE), "ok": bool(ok), "plan": cp,
+                       "bits": est(cp, total, segs) if total else 0.0})
+    if R <= 1:
+        return [(g["a"], g["b"], g["plan"]) for g in groups]
+
+    def joined(x, y):
+        if x["first"] < 0:
+            first, last, segs = (y["first"] + x["blocks"], y["last"] + x["blocks"], y["segs"]) if y["first"] >= 0 \
+                else (-1, -1, 0)
+        elif y["first"] < 0:
+            first, last, segs = x["first"], x["last"], x["segs"]
+        else:
+            gap = y["first"] + x["blocks"] - x["last"]
+            first, last = x["first"], y["last"] + x["blocks"]
+            segs = x["segs"] + y["segs"] - (1 if gap <= SPLIT_ZERO_BLOCKS else 0)
+        return {"a": x["a"], "b": y["b"], "h": x["h"] + y["h"], "k": x["k"] + y["k"], "n": x["n"] + y["n"],
+                "total": x["total"] + y["total"], "first": first, "last": last, "segs": segs,
+                "blocks": x["blocks"] + y["blocks"], "ok": True, "plan": None}
+
+    def pair(i, j):
+        """Groups i and j (the next one with changes) and the groups without change between them, merged, and the
+        estimated bits that saves (negative: merging costs)."""
+        if not all(g["ok"] for g in groups[i:j + 1]):
+            return None, -math.inf
+        z = groups[i]
+        for y in groups[i + 1:j + 1]:
+            z = joined(z, y)
+        apart = groups[i]["bits"] + groups[j]["bits"]
+        chg = z["h"].sum(axis=1)
+        occ = chg > 0
+        lower = _h2_bits(z["k"][occ], chg[occ]) + float(_entropy_rows(z["h"][occ]).sum()) + \
+            float((z["h"].sum(axis=0) * ext_u).sum())
+        if lower + SEGMENT_BITS >= apart:
+            return None, -math.inf
+        z["plan"] = plan_classes(full(z["h"]), z["k"], 1.0, z["n"], w, mode, context, tables=False)
+        z["bits"] = est(z["plan"], z["total"], z["segs"])
+        return z, apart - z["bits"]
+
+    # one pass from left to right: a run joins the group before it when that saves bits
+    i = 0
+    while True:
+        live = [x for x, g in enumerate(groups) if g["total"] and x >= i]
+        if len(live) < 2:
+            break
+        i, j = live[0], live[1]
+        z, saving = pair(i, j)
+        if saving > 0:
+            groups[i:j + 1] = [z]
+        else:
+            i = j
+    out = []
+    for g in groups:
+        if g["plan"] is not None and g["plan"].freqs is None:
+            g["plan"] = plan_classes(full(g["h"]), g["k"], 1.0, g["n"], w, mode, context)
+        out.append((g["a"], g["b"], g["plan"]))
+    return out
 
 
 def _class_stats(cuts, hist: np.ndarray, cnt: np.ndarray):
@@ -184,16 +390,8 @@ def plan_bits(plan: ClassPlan, hist: np.ndarray, keys: np.ndarray, key_scale: fl
 
 
 def tables_bits(plan: ClassPlan) -> float:
-    """Header bits of a plan's class entries in one segment (cuts, Rice parameters, distinct tables)."""
-    bits, last = 0.0, None
-    for f in plan.freqs:
-        if not f.any():
-            bits += 8
-            continue
-        same = last is not None and np.array_equal(f, last)
-        bits += 24 + (0 if same else 8.0 * (2 + 2 * int((f > 0).sum())))
-        last = f
-    return bits
+    """Header bits of a plan's class entries in one segment (cuts, class entries, distinct tables)."""
+    return plan.header_bits
 
 
 @dataclass
