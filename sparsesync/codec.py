@@ -387,6 +387,20 @@ class Encoder:
         elif base_version is not None:
             raise InvalidArgument(f"base_version={_short(base_version)} given without base")
 
+    def _to_host(self) -> None:
+        """Format 1 codes on the host only: a snapshot kept on devices (or in pinned memory for a device) moves to
+        host memory once, and the encoder stays there (a session drops to format 1 for a receiver that reads only
+        format 1)."""
+        if self._pending is not None and not self._pending.complete:
+            self._pending.finish()
+        self.on_device = self.pinned = False
+        self._homes = None
+        self._fast = None
+        if self.snapshot is not None and any(not t.is_cpu or t.is_pinned() for t in self.snapshot.values()):
+            log.warning("sparsesync: encoding wire format 1, which is coded on the host: the encoder's snapshot moves "
+                        "to host memory (%d tensors)", len(self.snapshot))
+            self._set_snapshot({n: t.cpu() if not t.is_cpu else t.clone() for n, t in self.snapshot.items()})
+
     def _snapshot_of(self, items: list) -> dict:
         """The encoder's own copy of a state: clones where the tensors are, or, with ``snapshot="pinned"``, device
         tensors copied to pinned host memory (their devices remembered in ``_homes``)."""
@@ -571,6 +585,8 @@ class Encoder:
                                   f"identifies bytes and versions must increase: use a version above {self.version}")
         if self.format == 2:
             return self._encode2(state, version, stream)
+        if self.on_device:
+            self._to_host()
         full = self.snapshot is None
         items = _collect(state, "state")
         layout = [(n, name_of(t.dtype), tuple(t.shape)) for n, t in items]

@@ -239,3 +239,33 @@ def test_snapshot_option_is_checked():
 def test_non_cuda_device_tensors_are_refused():
     with pytest.raises(InvalidArgument, match="host memory or on CUDA"):
         ss.Decoder({"t": torch.zeros(4, device="meta")})
+
+
+def test_a_format_1_peer_moves_the_encoder_to_the_host(emu):
+    """A session drops to format 1 for a receiver that reads only format 1: the device encoder then codes on the
+    host from then on (and back in format 2 too), with the right bytes."""
+    e = emu(ONE)
+    states = _versions(8, n=4)
+    enc = ss.Encoder(_clone(states[0]), 0, digest=True)
+    mirror = _clone(states[0])
+    dec = ss.Decoder(mirror, 0)            # an emulated-device decoder reads format 2 only: use a host one for v1
+    kernels._emulation = None
+    host_mirror = _clone(states[0])
+    hdec = ss.Decoder(host_mirror, 0)
+    kernels._emulation = e
+    hdec.apply(enc.encode(states[1], version=1))
+    enc.format = 1
+    calls = e.kernels.calls["scan2"] + e.kernels.calls["encode2"]
+    u = enc.encode(states[2], version=2)
+    kernels._emulation = None
+    hdec.apply(u)
+    assert _equal(host_mirror, states[2]) and not enc.on_device
+    kernels._emulation = e
+    # format 1 ran on the host kernels only (digests of host tensors count as device work under the emulation)
+    assert e.kernels.calls["scan2"] + e.kernels.calls["encode2"] == calls
+    enc.format = 2
+    u = enc.encode(states[3], version=3)
+    kernels._emulation = None
+    hdec.apply(u)
+    assert _equal(host_mirror, states[3])
+    del dec, mirror

@@ -146,3 +146,15 @@ def test_gpu_encoder_with_a_pinned_host_snapshot():
         if not SELF:
             assert got.stats.snapshot_host_bytes >= got.stats.dense_bytes     # at least one read of the snapshot
     assert gpu.same_as_snapshot(_to(states[-1], "cuda"))
+
+
+def test_gpu_encoder_drops_to_format_1_on_the_host():
+    states = _versions(6)
+    cpu = ss.Encoder(states[0], 0)
+    gpu = ss.Encoder(_to(states[0], "cuda"), 0)
+    assert gpu.encode(_to(states[1], "cuda"), version=1).buckets == cpu.encode(states[1], version=1).buckets
+    cpu.format = gpu.format = 1          # what a Sender does for a receiver that reads only format 1
+    assert gpu.encode(_to(states[2], "cuda"), version=2).buckets == cpu.encode(states[2], version=2).buckets
+    assert not gpu.on_device and all(t.is_cpu for t in gpu.snapshot.values())
+    cpu.format = gpu.format = 2
+    assert gpu.encode(_to(states[3], "cuda"), version=3).buckets == cpu.encode(states[3], version=3).buckets
