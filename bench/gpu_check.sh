@@ -99,7 +99,7 @@ fi
 # ---- 2. the gpu tests
 step "pytest -m gpu tests/test_gpu_kernels.py (with the 2.2e9-element test)" 150 1 "$RES/tests.log" \
   env SPARSESYNC_GPU_BIG=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kernels.py
-step "pytest -m gpu (the other gpu tests)" 60 0 "$RES/tests.log" \
+step "pytest -m gpu (the other gpu tests: codec, sessions, digest, NCCL)" 120 1 "$RES/tests.log" \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_gpu_kernels.py
 
 # ---- 3. compute-sanitizer (not supported on every runtime: a refusal is reported, not counted as a failure)
