@@ -1394,8 +1394,8 @@ class Decoder:
             return self._stage2(p, header, bucket, body, owned, t0)
         if header.v not in self.formats:
             raise InvalidArgument(f"this decoder holds tensors on {', '.join(self.devices)} and applies wire format "
-                                  f"{' or '.join(map(str, self.formats))} only, not format {header.v} (Encoder(format=2); "
-                                  "sessions negotiate it)")
+                                  f"{' or '.join(map(str, self.formats))} only, not format {header.v} "
+                                  "(Encoder(format=2); sessions negotiate it)")
         mode = VALUE_MODES[header.vals]
         # 1. every segment against the receiver's tensors, before anything is allocated from header numbers. The
         # segments of a tensor ascend through the update (FORMAT.md §2), so one end per tensor proves no overlap.

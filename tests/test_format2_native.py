@@ -756,7 +756,8 @@ def test_tree64_many_batches_small_tensors(threads, simd):
     rng = random.Random(11)
     lengths = [0, 1, 31, 32, 33, 2048, 4095, 4096, 4097, 8191, 12288, 5000]
     bufs = [torch.randint(0, 256, (rng.choice(lengths),), dtype=torch.uint8) for _ in range(700)]
-    bufs += [torch.randint(0, 256, (4096 * 70 + 13,), dtype=torch.uint8), torch.randint(0, 256, (300,), dtype=torch.uint8)]
+    bufs += [torch.randint(0, 256, (4096 * 70 + 13,), dtype=torch.uint8),
+             torch.randint(0, 256, (300,), dtype=torch.uint8)]
     rng.shuffle(bufs)
     got = _native.tree64_many(bufs).tolist()
     assert got == [_native.tree64(b) for b in bufs]
