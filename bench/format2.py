@@ -140,7 +140,7 @@ def roundtrip(base: dict, new: dict, kw: dict, repeat: int, what: str, timed: bo
             enc.encode(base, v + 1).finish()
             v += 1
     del enc
-    t_dec = []
+    t_dec, split = [], []
     for up in ups:
         recv = clone_state(base)
         dec = ss.Decoder(recv, up.base_version)
@@ -148,8 +148,10 @@ def roundtrip(base: dict, new: dict, kw: dict, repeat: int, what: str, timed: bo
         t0 = time.perf_counter()
         dec.apply(up)
         t_dec.append(time.perf_counter() - t0)
+        split.append((dec.last_stats.decode_seconds, dec.last_stats.apply_seconds))
         verify(recv, new, what)
         del recv, dec
+    stage_s, commit_s = split[t_dec.index(min(t_dec))]
     s = ups[-1].stats
     wires = {u.stats.wire_bytes for u in ups}
     if len(wires) != 1:
@@ -157,7 +159,8 @@ def roundtrip(base: dict, new: dict, kw: dict, repeat: int, what: str, timed: bo
     return {"wire_bytes": s.wire_bytes, "header_bytes": s.header_bytes, "changed": s.changed,
             "B_per_changed": s.wire_bytes / s.changed if s.changed else None, "buckets": s.buckets,
             "dense_tensors": s.dense_tensors, "encode_s": min(t_enc), "encode_first_s": t_enc[0],
-            "decode_apply_s": min(t_dec), "decode_apply_first_s": t_dec[0], "bit_exact": True}
+            "decode_apply_s": min(t_dec), "decode_apply_first_s": t_dec[0], "stage_s": stage_s, "commit_s": commit_s,
+            "bit_exact": True}
 
 
 def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
@@ -569,6 +572,11 @@ def print_speed(sp: dict, repeat: int) -> None:
     print("|---|---|---|---|")
     for label, s, rel in rows:
         print(f"| {label} | {1e3 * s:.1f} | {mb / s / 1e9:.2f} | {rel} |")
+    o0 = sp["variants"]["v2 order-0"]
+    if "commit_s" in o0:
+        print(f"v2 order-0 decode+apply split (fastest run): staging {1e3 * o0['stage_s']:.1f} ms (verify + decode, "
+              f"done while buckets arrive in a session) + commit {1e3 * o0['commit_s']:.1f} ms (what the engine waits "
+              f"for after the last byte: {o0['commit_s'] / sp['peer_apply_s']:.2f}x the peer's apply)")
     print(f"order-0 decode+apply / peer receiver: {sp['order0_decode_over_peer']:.2f}x;  context decode+apply / "
           f"dense clone: {sp['context_decode_over_clone']:.3f} (first clone: "
           f"{sp['variants']['v2 context']['decode_apply_s'] / sp['clone_first_s']:.3f});  encode (v2 auto) vs naive: "
