@@ -692,7 +692,8 @@ class Sender:
     ``compress``: zstd each bucket frame (for slow links; it gains little on sparse deltas, ~1.3x on full updates).
     ``digest``: every update (delta, chain or full) carries the new state's digest and receivers verify it.
     ``allow_rollback``: allow pushes that move a receiver to a lower version than it holds (default: refused).
-    ``format`` / ``context``: see :class:`~sparsesync.codec.Encoder`. Each push is encoded once, in the newest format
+    ``format`` / ``context`` / ``snapshot`` (where the snapshot of GPU tensors lives): see
+    :class:`~sparsesync.codec.Encoder`. Each push is encoded once, in the newest format
     every connected peer reads (receivers say which in the handshake: one that reads only format 1 gets format 1); a
     peer that later needs a catch-up in a format it cannot read gets a full update in its own format.
 
@@ -706,7 +707,8 @@ class Sender:
                  retries: int = 3, backoff: float = 0.2, retain: int = 4, quorum: int | str = 1,
                  ssl_context: _ssl.SSLContext | None = None, progress: bool | None = None, digest: bool = False,
                  compress: bool = False, streams: int = 1, allow_rollback: bool = False, nccl_device: int | None = None,
-                 allow_unauthenticated: bool = False, format: int | None = None, context: bool | None = None):
+                 allow_unauthenticated: bool = False, format: int | None = None, context: bool | None = None,
+                 snapshot: str = "device"):
         if isinstance(peers, str):
             peers = [peers]
         self.token = wire.token_bytes(token)
@@ -739,7 +741,7 @@ class Sender:
         # small buckets by default so that encode, wire and apply overlap (pipelining)
         self.encoder = Encoder(base, base_version, values=values,
                                bucket_bytes=DEFAULT_SESSION_BUCKET if bucket_bytes is None else bucket_bytes,
-                               digest=digest, format=format, context=context)
+                               digest=digest, format=format, context=context, snapshot=snapshot)
         self.format = self.encoder.format     # the newest format this sender writes; per push: what all peers read
         self.compress = compress
         if not isinstance(streams, int) or not 1 <= streams <= Receiver.MAX_STREAMS:

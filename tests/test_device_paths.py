@@ -269,3 +269,13 @@ def test_a_format_1_peer_moves_the_encoder_to_the_host(emu):
     hdec.apply(u)
     assert _equal(host_mirror, states[3])
     del dec, mirror
+
+
+def test_sender_passes_the_snapshot_option(emu):
+    emu(ONE)
+    states = _versions(9, n=2)
+    with ss.Sender([], allow_unauthenticated=True, base=_clone(states[0]), base_version=0, snapshot="pinned",
+                   quorum=0) as snd:
+        assert snd.encoder.pinned and snd.encoder.on_device
+    with pytest.raises(InvalidArgument, match="snapshot"):
+        ss.Sender([], allow_unauthenticated=True, snapshot="gpu", quorum=0)
