@@ -837,6 +837,8 @@ int decode_impl(const DecCtx& D, const std::vector<DChunk>& chunks, int64_t ncha
         rc = lv1::dec_chunk_ctx<W, MODE, 1>(D, e);
       else if (D.cl.K <= 16)
         rc = lv1::dec_chunk_ctx<W, MODE, 2>(D, e);
+      else if (D.cl.K <= 24)
+        rc = lv1::dec_chunk_ctx<W, MODE, 3>(D, e);
       else
         rc = lv1::dec_chunk_ctx<W, MODE, 4>(D, e);
     } else

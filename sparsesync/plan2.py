@@ -14,7 +14,12 @@ import numpy as np
 
 from .format import build_freq
 from .reference import extra_bits_for, max_symbol
-from .space import MAX_CLASSES
+from .space import MAX_CLASSES as _FORMAT_MAX_CLASSES
+
+# The encoder plans at most this many classes (the format allows 32): decoders count classes 8 to a vector register,
+# and a 17th class adds a third vector for a few bytes (measured on bench/format2.py's speed state, interleaved runs:
+# 17 -> 15 classes cost 0.02% more bytes and took the context decode (staging) from 43 to 36 ms).
+MAX_CLASSES = min(16, _FORMAT_MAX_CLASSES)
 
 FINE = 4096                   # scan block (elements)
 CHUNK_TARGET = 4096           # about this many changes per chunk (parallel decode granularity)

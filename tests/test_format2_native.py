@@ -312,7 +312,7 @@ def test_roundtrip_modes_and_cuts(dtype_name, density, simd):
         old, new = _spaces(dtype_name, _sizes(rng.randint(20000, 40000), rng, small), density, rng.randint(0, 10**6))
         for mode in (0, 1):
             _counts, hist, _keys, _total, _pieces = _native.scan2(old, new, mode)
-            for K in ([1, 2, 5, 32] if kb else [1]):
+            for K in ([1, 2, 5, 17, 24, 32] if kb else [1]):
                 cuts = _cuts_for(kb, rng, K)
                 freqs = _class_freqs(hist, cuts)
                 start = rng.randint(0, 5000)
