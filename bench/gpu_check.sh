@@ -77,8 +77,9 @@ note "sparsesync gpu_check $(date -u +%FT%TZ) in $ROOT -> $RES (budget ${BUDGET}
 BUILD="$ROOT/build/gpu-check"
 build() {
   local t0=$(date +%s)
+  # -lineinfo: compute-sanitizer reports name source lines (no effect on the generated code's speed)
   cmake -S "$ROOT" -B "$BUILD" -DSPARSESYNC_CUDA=1 -DCMAKE_CUDA_ARCHITECTURES="${SPARSESYNC_CUDA_ARCH:-90}" \
-    -DCMAKE_BUILD_TYPE=Release && cmake --build "$BUILD" --parallel "$(nproc)" || return 1
+    -DCMAKE_CUDA_FLAGS=-lineinfo -DCMAKE_BUILD_TYPE=Release && cmake --build "$BUILD" --parallel "$(nproc)" || return 1
   echo "build took $(($(date +%s) - t0)) s"
 }
 export -f build
