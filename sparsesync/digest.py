@@ -171,7 +171,7 @@ def _tree64_all(tensors: list) -> np.ndarray:
         if dev.type == "cuda":
             if cuda is None:
                 from . import kernels_cuda as cuda
-            if cuda.available():
+            if cuda.available() and cuda.self_test(dev) is None:
                 out[idx] = cuda.tree64_many(ts)
                 continue
         if dev.type != "cpu":

@@ -56,7 +56,13 @@ def device_unavailable(t: torch.Tensor) -> str | None:
     if device_of(t) is None or _emulation is not None:
         return None
     from . import kernels_cuda
-    return kernels_cuda.unavailable_reason()
+    why = kernels_cuda.unavailable_reason()
+    if why is None:
+        failed = kernels_cuda.self_test(t.device)
+        if failed is not None:
+            why = (f"the CUDA kernels failed their self-test on {t.device} ({failed}); please report it with "
+                   "sparsesync.build_info(); SPARSESYNC_CUDA_SELFTEST=0 skips the test")
+    return why
 
 
 def for_space(sp):

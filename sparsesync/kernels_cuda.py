@@ -514,5 +514,112 @@ def tree64(data: torch.Tensor) -> int:
         return int(res.cpu().numpy().view(np.uint64)[0])
 
 
-__all__ = ["CudaKernelsUnavailable", "available", "host_traffic", "unavailable_reason", "scan2", "encode2", "decode2", "gather2",
+# ---------------------------------------------------------------------------------------------------------------------
+# self-test: before the Encoder or the Decoder first works on a device, every call runs once on small data there and
+# must agree with the CPU kernels, so that a broken build or toolkit shows up as one clear message (and a fallback to
+# host copies in the Encoder) instead of wrong bytes
+
+_SELFTESTS: dict = {}
+_SELFTEST_LOCK = threading.Lock()
+
+
+def self_test(device, impl=None) -> str | None:
+    """Run scan2, encode2 (order-0 and with classes, delta and raw values), decode2, scatter2, add_scatter2, take2,
+    gather2, put2 and tree64_many once on small spaces on ``device`` and compare every result with the CPU kernels.
+    None when all agree, else what differed (cached per device; ``SPARSESYNC_CUDA_SELFTEST=0`` skips it). ``impl``:
+    the module under test (default: this one; tests pass stand-ins)."""
+    from . import config
+    if not config.get_bool("SPARSESYNC_CUDA_SELFTEST"):
+        return None
+    key = (str(device), id(impl))
+    with _SELFTEST_LOCK:
+        if key not in _SELFTESTS:
+            try:
+                _SELFTESTS[key] = _self_test(torch.device(device), impl or __import__(__name__, fromlist=["x"]))
+            except Exception as exc:  # noqa: BLE001 - reported as the reason
+                _SELFTESTS[key] = f"{type(exc).__name__}: {exc}"
+        return _SELFTESTS[key]
+
+
+def _self_test(dev: torch.device, impl) -> str | None:
+    from .format import build_freq
+    from .space import Space
+    g = torch.Generator().manual_seed(20261129)
+    for dname, dt, idt in (("bfloat16", torch.bfloat16, torch.int16), ("float32", torch.float32, torch.int32),
+                           ("int16", torch.int16, torch.int16)):
+        sizes = [1, 4095, 9000, 70001, 3]
+        old_c = [(torch.randn(n, generator=g) * 0.05).to(dt) if dt.is_floating_point else
+                 torch.randint(-30000, 30000, (n,), generator=g, dtype=dt) for n in sizes]
+        new_c = []
+        for t in old_c:
+            u = t.clone()
+            iv = u.view(idt)
+            k = max(1, t.numel() // 40)
+            at = torch.randint(0, t.numel(), (k,), generator=g)
+            iv[at] = iv[at] + torch.randint(1, 5, (k,), generator=g, dtype=idt)
+            new_c.append(u)
+        names = [f"t{i}" for i in range(len(sizes))]
+        old_d, new_d = [t.to(dev) for t in old_c], [t.to(dev) for t in new_c]
+        oc, nc_ = Space(dname, names, old_c), Space(dname, names, new_c)
+        od, nd = Space(dname, names, old_d), Space(dname, names, new_d)
+        for mode in (0, 1):
+            want = _native.scan2(oc, nc_, mode, positions=True)
+            got = impl.scan2(od, nd, mode, positions=True)
+            for a, b, what in zip(want[:5], got[:5], ("counts", "hist", "keys", "total", "pieces")):
+                if not np.array_equal(np.asarray(a), np.asarray(b)):
+                    return f"scan2 ({dname}, mode {mode}): {what} differ from the CPU kernels'"
+            if (want[5] is None) != (got[5] is None) or (want[5] is not None and
+                                                          not torch.equal(want[5], got[5].cpu())):
+                return f"scan2 ({dname}, mode {mode}): positions differ from the CPU kernels'"
+            hist = np.asarray(want[1])
+            keys = np.flatnonzero(hist.sum(axis=1))
+            for cuts in ([], [int(keys[len(keys) // 3]), int(keys[2 * len(keys) // 3])] if len(keys) > 3 else []):
+                if cuts and (len(set(cuts)) < 2 or cuts[0] == 0):
+                    continue
+                bounds = [0] + cuts + [hist.shape[0]]
+                freqs = np.zeros((len(cuts) + 1, 256), dtype=np.uint32)
+                for c in range(len(cuts) + 1):
+                    h = hist[bounds[c]:bounds[c + 1]].sum(0)
+                    if h.sum():
+                        freqs[c] = build_freq(h)
+                start, end = 7, oc.n - 5
+                w_ = _native.encode2(oc, nc_, mode, start, end, 13, cuts, freqs)
+                g_ = impl.encode2(od, nd, mode, start, end, 13, cuts, freqs)
+                if tuple(w_) != tuple(g_):
+                    return f"encode2 ({dname}, mode {mode}, {len(cuts) + 1} classes): bytes differ from the CPU kernels'"
+                table, data, ks, vh, nch = w_
+                seg = table + data
+                wi, wv = _native.decode2(seg, len(table), oc, mode, start, end, 13, cuts, ks, freqs, nch, vh)
+                gi, gv = impl.decode2(seg, len(table), od, mode, start, end, 13, cuts, ks, freqs, nch, vh)
+                if not (torch.equal(wi, gi.cpu()) and torch.equal(wv, gv.cpu())):
+                    return f"decode2 ({dname}, mode {mode}, {len(cuts) + 1} classes): differs from the CPU kernels'"
+        # writes: into copies, compared byte for byte afterwards
+        idx = torch.unique(torch.randint(0, oc.n, (500,), generator=g))
+        vals = torch.randint(0, 256, (idx.numel() * oc.w,), generator=g, dtype=torch.uint8)
+        wc, wd = [t.clone() for t in old_c], [t.clone() for t in old_d]
+        sc, sd = Space(dname, names, wc), Space(dname, names, wd)
+        if not torch.equal(_native.take2(sc, idx), impl.take2(sd, idx.to(dev)).cpu()):
+            return f"take2 ({dname}) differs from the CPU kernels'"
+        _native.scatter2(sc, idx, vals)
+        impl.scatter2(sd, idx.to(dev), vals.to(dev))
+        nw, ng = torch.empty_like(vals), torch.empty_like(vals, device=dev)
+        _native.add_scatter2(sc, idx, vals, nw)
+        impl.add_scatter2(sd, idx.to(dev), vals.to(dev), ng)
+        if not torch.equal(nw, ng.cpu()):
+            return f"add_scatter2 ({dname}) differs from the CPU kernels'"
+        a, b = 100, min(sc.n, 80000)
+        if not torch.equal(_native.gather2(sc, a, b), impl.gather2(sd, a, b).cpu()):
+            return f"gather2 ({dname}) differs from the CPU kernels'"
+        raw = torch.randint(0, 256, ((b - a) * sc.w,), generator=g, dtype=torch.uint8)
+        _native.put2(sc, a, b, raw)
+        impl.put2(sd, a, b, raw.to(dev))
+        for x, y in zip(wc, wd):
+            if not torch.equal(x.view(torch.uint8), y.cpu().view(torch.uint8)):
+                return f"scatter2 / add_scatter2 / put2 ({dname}): the written tensors differ from the CPU kernels'"
+        if not np.array_equal(_native.tree64_many(wc), impl.tree64_many(wd)):
+            return f"tree64_many ({dname}) differs from the CPU kernels'"
+    return None
+
+
+__all__ = ["CudaKernelsUnavailable", "available", "self_test", "host_traffic", "unavailable_reason", "scan2", "encode2", "decode2", "gather2",
            "put2", "scatter2", "add_scatter2", "take2", "tree64_many", "tree64", "positions2", "clear_table_cache"]

@@ -15,6 +15,7 @@ VARIABLES = {
     "SPARSESYNC_REFERENCE": ("0", "bool", "1 = use the pure-PyTorch reference kernels even if the native library loads"),
     "SPARSESYNC_NCCL_LIB": ("", "path", "libnccl.so.2 to use for backend='nccl' (default: the nvidia-nccl wheel, then the system)"),
     "SPARSESYNC_CUDA": ("auto", "0, 1 or auto", "build time: compile the CUDA sources (auto = when nvcc is found)"),
+    "SPARSESYNC_CUDA_SELFTEST": ("1", "bool", "check the CUDA kernels against the CPU ones on small data before first use on a device (0 = skip)"),
 }
 
 
