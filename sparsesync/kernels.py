@@ -80,7 +80,8 @@ def build_info() -> dict:
     """What this installation can do: ``native`` (the C++ library loaded; else ``native_error`` says why and the
     reference kernels run), ``simd`` (the CPU path in use: ``"avx512"`` or ``"portable"``), ``cuda`` (the library
     was compiled with the CUDA sources), ``cuda_archs`` (e.g. ``[90]`` for sm_90), ``cuda_usable`` (CUDA kernels,
-    a CUDA build of PyTorch and a device are all there; else ``cuda_error`` says why), ``nccl`` (libnccl loads and a
+    a CUDA build of PyTorch and a device are all there, and the kernels passed their self-test against the CPU ones
+    on the current device; else ``cuda_error`` says why), ``nccl`` (libnccl loads and a
     device is there; else ``nccl_error``). Nothing here touches a GPU unless PyTorch's CUDA is already usable."""
     import ctypes
     info: dict = {"native": bool(_native.available), "native_error": _native.load_error,
@@ -101,6 +102,10 @@ def build_info() -> dict:
     info["cuda_usable"] = bool(kernels_cuda.available())
     if not info["cuda_usable"]:
         info["cuda_error"] = kernels_cuda.unavailable_reason()
+    else:      # the self-test the Encoder and Decoder run before their first work on a device (cached)
+        failed = kernels_cuda.self_test(torch.device("cuda", torch.cuda.current_device()))
+        if failed is not None:
+            info["cuda_usable"], info["cuda_error"] = False, f"self-test failed: {failed}"
     try:
         from .nccl import NCCLBackend
         NCCLBackend.check()
