@@ -87,11 +87,17 @@ export ROOT BUILD PY
 step "build (SPARSESYNC_CUDA=1, sm_${SPARSESYNC_CUDA_ARCH:-90})" 200 1 "$RES/build.log" build
 export SPARSESYNC_LIB="$BUILD/libsparsesync.so"
 grep -h "build took" "$RES/build.log" | tail -n 1 | sed 's/^/      /' | tee -a "$SUMMARY"
-step "CUDA kernels available" 60 1 "$RES/build.log" "$PY" -c "
+step "CUDA kernels available and self-test" 90 1 "$RES/build.log" "$PY" -c "
 import sparsesync._native as n, sparsesync.kernels_cuda as k
 print('lib', n.path, 'cuda_load_error', n.cuda_load_error)
 print('available', k.available(), k.unavailable_reason())
-raise SystemExit(0 if k.available() else 1)"
+if not k.available():
+    raise SystemExit(1)
+import time, torch
+t0 = time.perf_counter()
+why = k.self_test(torch.device('cuda', 0))
+print('self-test against the CPU kernels:', why or 'passed', f'({time.perf_counter() - t0:.2f} s)')
+raise SystemExit(0 if why is None else 1)"
 if [ "$FAILED" != 0 ]; then
   note "stopping: the build or the CUDA kernels are not usable (see $RES/build.log)"
   exit 1
