@@ -55,14 +55,20 @@ def device_unavailable(t: torch.Tensor) -> str | None:
     """Why the device kernels cannot work on tensor ``t`` (None when they can, or when ``t`` is in host memory)."""
     if device_of(t) is None or _emulation is not None:
         return None
-    from . import kernels_cuda
-    why = kernels_cuda.unavailable_reason()
-    if why is None:
-        failed = kernels_cuda.self_test(t.device)
-        if failed is not None:
-            why = (f"the CUDA kernels failed their self-test on {t.device} ({failed}); please report it with "
-                   "sparsesync.build_info(); SPARSESYNC_CUDA_SELFTEST=0 skips the test")
-    return why
+    key = (t.device, config.get_bool("SPARSESYNC_CUDA_SELFTEST"))
+    if key not in _device_checks:         # per device and process (the Encoder asks for every tensor)
+        from . import kernels_cuda
+        why = kernels_cuda.unavailable_reason()
+        if why is None:
+            failed = kernels_cuda.self_test(t.device)
+            if failed is not None:
+                why = (f"the CUDA kernels failed their self-test on {t.device} ({failed}); please report it with "
+                       "sparsesync.build_info(); SPARSESYNC_CUDA_SELFTEST=0 skips the test")
+        _device_checks[key] = why
+    return _device_checks[key]
+
+
+_device_checks: dict = {}
 
 
 def for_space(sp):
