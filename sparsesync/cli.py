@@ -191,6 +191,28 @@ def cmd_status(args) -> int:
     return EXIT_ERROR if bad else EXIT_OK
 
 
+def cmd_info(args) -> int:
+    """What this installation can do (sparsesync.build_info()); exit 1 with --require-cuda when the CUDA kernels
+    cannot run here."""
+    from . import __version__
+    from .kernels import build_info
+    info = build_info()
+    if args.json:
+        print(json.dumps({"version": __version__, **info}, sort_keys=True))
+    else:
+        def why(ok, err):
+            return "yes" if ok else f"no ({err})"
+        print(f"sparsesync {__version__}")
+        print(f"native library: {why(info['native'], info['native_error'])}"
+              f"{'  (reference kernels forced by SPARSESYNC_REFERENCE)' if info['reference_forced'] else ''}")
+        print(f"CPU kernels: {info['simd'] or 'n/a'}")
+        archs = ", ".join(f"sm_{a}" for a in info["cuda_archs"])
+        print(f"CUDA sources compiled: {'yes, for ' + archs if info['cuda'] else 'no'}")
+        print(f"CUDA kernels usable: {why(info['cuda_usable'], info['cuda_error'])}")
+        print(f"NCCL backend usable: {why(info['nccl'], info['nccl_error'])}")
+    return EXIT_ERROR if args.require_cuda and not info["cuda_usable"] else EXIT_OK
+
+
 def cmd_push(args) -> int:
     from .errors import PushFailed
     from .session import Sender
@@ -551,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="one JSON object per receiver")
     _add_token_args(st)
     st.set_defaults(fn=cmd_status)
+
+    i = sub.add_parser("info", parents=[common], formatter_class=fmt, epilog=EXIT_STATUS,
+                       help="what this installation can do (native kernels, CUDA, NCCL)",
+                       description=wrap("Print what this installation can do: the native library and its CPU "
+                                        "path, whether the CUDA sources were compiled and for which architectures, "
+                                        "whether the CUDA kernels can run here (a device, a CUDA build of PyTorch, "
+                                        "and the kernels' self-test against the CPU ones), and whether the NCCL "
+                                        "backend can. Exit 1 with --require-cuda when the CUDA kernels cannot run."))
+    i.add_argument("--json", action="store_true", help="one JSON object")
+    i.add_argument("--require-cuda", action="store_true", help="exit 1 unless the CUDA kernels can run here")
+    i.set_defaults(fn=cmd_info)
 
     b = sub.add_parser("bench", parents=[common], formatter_class=fmt, epilog=EXIT_STATUS,
                        help="cross-cluster bandwidth benchmark (real hosts or emulated links)",

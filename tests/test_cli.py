@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import signal
@@ -253,7 +254,7 @@ def _subparsers(ap: argparse.ArgumentParser) -> dict:
 
 def test_every_option_has_help_and_token_rules_are_in_serve_and_push_help():
     subs = _subparsers(cli.build_parser())
-    assert set(subs) == {"demo", "serve", "push", "status", "bench"}
+    assert set(subs) == {"demo", "serve", "push", "status", "info", "bench"}
     for name, sp in subs.items():
         for a in sp._actions:
             assert a.help, f"{name} {a.option_strings or a.dest} has no help text"
@@ -463,3 +464,16 @@ def test_status_reports_version_and_digest_and_checks_expect():
         one_error_line(run_cli("status", r.address, env={}), "SPARSESYNC_TOKEN")
     finally:
         r.stop()
+
+
+def test_info_says_what_this_installation_can_do():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    for line in ("native library:", "CPU kernels:", "CUDA sources compiled:", "CUDA kernels usable:",
+                 "NCCL backend usable:"):
+        assert line in r.stdout
+    r = run_cli("info", "--json")
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and set(info) >= {"version", "native", "cuda", "cuda_usable", "nccl"}
+    r = run_cli("info", "--require-cuda")
+    assert r.returncode == (0 if info["cuda_usable"] else 1)
