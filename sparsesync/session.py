@@ -663,6 +663,7 @@ class _Peer:
         self.verified = False           # digest checked against the sender's state at that version
         self.layout: bytes | None = None  # the receiver's layout digest (WELCOME)
         self.format = 1                   # the newest wire format both sides read (WELCOME's "formats")
+        self.formats = frozenset({1})     # every wire format the receiver reads (a GPU receiver: only 2)
         self.adopt = False                # the receiver is empty and takes the sender's layout (LAYOUT_SET)
         self.last_error: str | None = None
 
@@ -936,6 +937,7 @@ class Sender:
         formats = info.get("formats")
         common = [f for f in formats if type(f) is int and f in FORMATS] if isinstance(formats, list) else []
         p.format = max(common, default=1)   # receivers older than format 2 send no "formats": they read format 1
+        p.formats = frozenset(common) or frozenset({1})
 
     def _layout_digest(self) -> bytes:
         layout = self.encoder.layout
@@ -1031,8 +1033,9 @@ class Sender:
         else:
             back = None
         fmt = self.encoder.format                 # the format of this push's feed
-        if p.format < fmt and feed_kind != "none":
-            return "full", ["full"], (f"it reads wire format {p.format} only, this push is format {fmt}" +
+        if fmt not in p.formats and feed_kind != "none":
+            reads = " and ".join(map(str, sorted(p.formats)))
+            return "full", ["full"], (f"it reads wire format {reads} only, this push is format {fmt}" +
                                       (f"; {back}" if back else ""))
         if feed_kind == "full":                  # the update itself is a full one: valid at any version
             return "full", [None], back
@@ -1041,7 +1044,7 @@ class Sender:
         if back is None and p.version is not None and p.verified:
             chain, v = [], p.version
             for b, ver, buckets in self.retain:
-                if b == v and buckets and peek_version(buckets[0]) > p.format:
+                if b == v and buckets and peek_version(buckets[0]) not in p.formats:
                     break                        # retained in a format this peer cannot read
                 if b == v:
                     chain.append(buckets)

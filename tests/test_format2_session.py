@@ -104,3 +104,43 @@ def test_an_old_receiver_joining_later_gets_a_full_update_in_format_1(receivers,
         assert new_r.digest() == old_r.digest() == ss.state_digest(nxt)
     finally:
         s2.close()
+
+
+class Format2OnlyReceiver(Receiver):
+    """A receiver that reads format 2 only, as one whose weights are on a GPU (Decoder.formats == (2,))."""
+
+    def _info(self) -> dict:
+        info = super()._info()
+        info["formats"] = [2]
+        return info
+
+    def _stager(self, old):
+        dec = super()._stager(old)
+        stage = Decoder._stage
+
+        def only_format2(bucket, owned, _dec=dec):
+            if peek_version(bucket) != 2:
+                raise ss.CorruptPayload("this receiver reads format 2 only")
+            return stage(_dec, bucket, owned)
+        dec._stage = only_format2
+        return dec
+
+
+def test_a_format_2_only_receiver_next_to_an_old_one_gets_a_full_update_in_format_2(old_receivers):
+    base = make_state(5)
+    old_r = old_receivers(clone(base))
+    gpu_r = Format2OnlyReceiver(clone(base), "tcp://127.0.0.1:0", version=0, token=TOKEN).start()
+    s = Sender([old_r.address, gpu_r.address], token=TOKEN, base=base, base_version=0, digest=True,
+               progress=False, quorum="all")
+    try:
+        cur = step_state(base, 1)
+        st = s.push(cur, 1)
+        kinds = {p.peer: p.kind for p in st.peers}
+        assert st.ok, st
+        assert kinds[old_r.address] == "delta" and kinds[gpu_r.address] == "full"
+        assert old_r.digest() == gpu_r.digest() == ss.state_digest(cur)
+        note = next(p.note for p in st.peers if p.peer == gpu_r.address)
+        assert "reads wire format 2 only" in note
+    finally:
+        s.close()
+        gpu_r.stop()
