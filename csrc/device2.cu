@@ -83,17 +83,9 @@ int sm_count() {
 __device__ __forceinline__ int64_t gtid() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t gstride() { return (int64_t)gridDim.x * blockDim.x; }
 
-// The piece holding element i: the largest t in [lo, hi) with offs[t] <= i (offs[lo] <= i < offs[hi]; empty pieces
-// are skipped as in csrc/format2.cpp).
+// The piece holding element i (sshd::locate_piece, shared with the CPU kernels).
 __device__ __forceinline__ int64_t locate(const int64_t* offs, int64_t lo, int64_t hi, int64_t i) {
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (offs[mid] <= i)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
+  return sshd::locate_piece(offs, lo, hi, i);
 }
 
 template <int W>

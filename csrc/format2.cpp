@@ -17,6 +17,7 @@
 
 #include "ss_coder.h"
 #include "ss_diff.h"
+#include "ss_hd.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SS_PORTABLE)
 #define SS2_HAVE_LV1 1
@@ -36,17 +37,7 @@ struct SpaceRef {
 };
 
 // Piece holding element i (0 <= i < offs[np]): the largest t < np with offs[t] <= i (empty pieces are skipped).
-SS_INLINE int64_t locate(const int64_t* offs, int64_t np, int64_t i) {
-  int64_t lo = 0, hi = np;  // offs[lo] <= i < offs[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (offs[mid] <= i)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
+SS_INLINE int64_t locate(const int64_t* offs, int64_t np, int64_t i) { return sshd::locate_piece(offs, 0, np, i); }
 
 // Piece holding element i, trying the cursor t and its successor before a binary search.
 SS_INLINE int64_t piece_near(const int64_t* offs, int64_t np, int64_t i, int64_t t) {

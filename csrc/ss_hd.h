@@ -53,6 +53,19 @@
 
 namespace sshd {
 
+// The piece of a space holding element i: the largest t in [lo, hi) with offs[t] <= i, where offs[lo] <= i <
+// offs[hi] (empty pieces are skipped). One binary search for the CPU and the GPU kernels.
+SS_HD_INLINE int64_t locate_piece(const int64_t* offs, int64_t lo, int64_t hi, int64_t i) {
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offs[mid] <= i)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // constants as enumerators / literals (usable in device code without relaxed-constexpr)
 enum : uint32_t { kProbBits = 12, kProbScale = 4096, kRansL = 1u << 23, kMaxClasses = 32 };
 enum : uint64_t { kLeafBytes = 4096 };
@@ -498,17 +511,7 @@ struct Pieces {
     w = width;
     t = 0;
   }
-  SS_HD_INLINE int64_t locate(int64_t i) const {
-    int64_t lo = 0, hi = np;  // offs[lo] <= i < offs[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (offs[mid] <= i)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    return lo;
-  }
+  SS_HD_INLINE int64_t locate(int64_t i) const { return locate_piece(offs, 0, np, i); }
   SS_HD_INLINE uint8_t* addr(int64_t i) const {
     if (!(i >= offs[t] && i < offs[t + 1])) {
       if (t + 2 <= np && i >= offs[t + 1] && i < offs[t + 2])

@@ -463,17 +463,24 @@ def tree64_many(tensors: list[torch.Tensor], ptrs: np.ndarray | None = None,
     out = np.zeros(count, dtype=np.uint64)
     if not count:
         return out
+    keep, ptrs, lens = tree64_many_args(tensors, ptrs, nbytes)
+    rc = lib.ss2_tree64_many(ptrs.ctypes.data, lens.ctypes.data, count, out.ctypes.data, config.threads())
+    del keep
+    _check(rc, "ss2_tree64_many")
+    return out
+
+
+def tree64_many_args(tensors: list, ptrs, nbytes) -> tuple[list, np.ndarray, np.ndarray]:
+    """(tensors kept alive, uint64 addresses, uint64 byte sizes) for tree64_many (CPU or CUDA): the caller's
+    ``ptrs``/``nbytes`` when they match the tensors in number, else read from contiguous versions of the tensors."""
+    count = len(tensors)
     keep = tensors
     if ptrs is None or nbytes is None or len(ptrs) != count or len(nbytes) != count:
         if not all(t.is_contiguous() for t in tensors):
             keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         ptrs = np.fromiter((t.data_ptr() for t in keep), dtype=np.uint64, count=count)
         nbytes = np.array([t.nbytes for t in keep], dtype=np.uint64)
-    ptrs = np.ascontiguousarray(ptrs, dtype=np.uint64)
-    lens = np.ascontiguousarray(nbytes, dtype=np.uint64)
-    rc = lib.ss2_tree64_many(ptrs.ctypes.data, lens.ctypes.data, count, out.ctypes.data, config.threads())
-    _check(rc, "ss2_tree64_many")
-    return out
+    return keep, np.ascontiguousarray(ptrs, dtype=np.uint64), np.ascontiguousarray(nbytes, dtype=np.uint64)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -265,31 +265,6 @@ def _collect(state, what: str, on_device: bool = False) -> list[tuple[str, torch
     return items
 
 
-def _device_groups(ts: list) -> list | None:
-    """Tensors grouped by device for hashing: None when all are on one device, else ``[(indices, tensors)]``."""
-    if all(t.is_cpu for t in ts) and kernels._emulation is None:
-        return None
-    devs = [kernels.device_of(t) for t in ts]
-    if len(set(devs)) <= 1:
-        return None
-    out = []
-    for d in dict.fromkeys(devs):
-        sel = np.array([i for i, x in enumerate(devs) if x == d], dtype=np.int64)
-        out.append((sel, [ts[i] for i in sel.tolist()]))
-    return out
-
-
-def _tree64_many(ts: list, ptrs: np.ndarray, nbytes: np.ndarray, groups: list | None) -> np.ndarray:
-    """tree64 of each tensor, with the kernels of the device each sits on (one call per device; ``groups`` from
-    :func:`_device_groups`)."""
-    if groups is None:
-        return kernels.for_tensors(ts).tree64_many(ts, ptrs=ptrs, nbytes=nbytes)
-    out = np.zeros(len(ts), dtype=np.uint64)
-    for sel, group in groups:
-        out[sel] = kernels.for_tensors(group).tree64_many(group, ptrs=ptrs[sel], nbytes=nbytes[sel])
-    return out
-
-
 SNAPSHOT_MODES = ("device", "pinned", "host")
 
 
@@ -444,9 +419,9 @@ class Encoder:
         if self._digest_plan is None:
             snap = self.snapshot
             ts = [snap[n] for n, _, _ in self.layout]
-            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), _device_groups(ts))
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), kernels.device_groups(ts))
         plan, ts, ptrs, nbytes, groups = self._digest_plan
-        return plan.digest(_tree64_many(ts, ptrs, nbytes, groups))
+        return plan.digest(kernels.tree64_by_device(ts, ptrs, nbytes, groups))
 
     @staticmethod
     def _check_version(v) -> None:
@@ -1629,9 +1604,9 @@ class Decoder:
         """state_digest of the decoder's tensors (the layout's records are built once)."""
         if self._digest_plan is None:
             ts = list(self.state.values())
-            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), _device_groups(ts))
+            self._digest_plan = (DigestPlan(self.layout), ts, *_addresses(ts), kernels.device_groups(ts))
         plan, ts, ptrs, nbytes, groups = self._digest_plan
-        return plan.digest(_tree64_many(ts, ptrs, nbytes, groups))
+        return plan.digest(kernels.tree64_by_device(ts, ptrs, nbytes, groups))
 
     def _commit(self, p: _Pending, digest: str | None) -> None:
         """Write the staged update. Only the values-hash and digest checks can still fail here; both undo exactly."""

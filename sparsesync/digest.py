@@ -12,6 +12,7 @@ import torch
 
 from .dtypes import BY_NAME, SUPPORTED, byte_view, check_tensor, name_of
 from .errors import InvalidArgument, InvalidType
+from . import kernels
 from .kernels import impl
 from .space import gc_paused
 
@@ -160,24 +161,8 @@ def state_digest(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.T
 
 def _tree64_all(tensors: list) -> np.ndarray:
     """tree64 of each tensor, in order: CPU tensors with the CPU kernels; tensors on a CUDA device with the CUDA
-    kernels when they are usable (one call per device, no host copy), else copied to the host."""
-    out = np.zeros(len(tensors), dtype=np.uint64)
-    by_dev: dict = {}
-    for i, t in enumerate(tensors):
-        by_dev.setdefault(t.device, []).append(i)
-    cuda = None
-    for dev, idx in by_dev.items():
-        ts = [tensors[i].contiguous() for i in idx]
-        if dev.type == "cuda":
-            if cuda is None:
-                from . import kernels_cuda as cuda
-            if cuda.available() and cuda.self_test(dev) is None:
-                out[idx] = cuda.tree64_many(ts)
-                continue
-        if dev.type != "cpu":
-            ts = [t.cpu() for t in ts]
-        out[idx] = impl().tree64_many(ts)
-    return out
+    kernels when they can run there (one call per device, no host copy), else copied to the host."""
+    return kernels.tree64_by_device(tensors, groups=kernels.device_groups(tensors))
 
 
 def layout_digest(layout) -> bytes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from . import _native, config, reference
@@ -69,6 +70,49 @@ def device_unavailable(t: torch.Tensor) -> str | None:
 
 
 _device_checks: dict = {}
+
+
+def device_groups(ts: list) -> list | None:
+    """Tensors grouped by the device whose kernels hash them: None when all are on one device, else
+    ``[(indices, tensors), ...]`` (computed once for tensors that keep their storage: the codec's digests)."""
+    if _emulation is None and all(t.is_cpu for t in ts):
+        return None
+    devs = [_hash_place(t) for t in ts]
+    if len(set(devs)) <= 1:
+        return None
+    out = []
+    for d in dict.fromkeys(devs):
+        sel = np.array([i for i, x in enumerate(devs) if x == d], dtype=np.int64)
+        out.append((sel, [ts[i] for i in sel.tolist()]))
+    return out
+
+
+def _hash_place(t: torch.Tensor):
+    """Where a tensor is hashed: its device's kernels (device_of), host memory (None), or its own device (a device
+    without sparsesync kernels: copied to the host)."""
+    d = device_of(t)
+    return d if d is not None or t.is_cpu else t.device
+
+
+def tree64_by_device(ts: list, ptrs=None, nbytes=None, groups: list | None = None) -> np.ndarray:
+    """tree64 of each tensor, with the kernels of the device it sits on (one call per device; ``groups`` from
+    :func:`device_groups`); tensors on a device whose CUDA kernels cannot run are copied to the host first.
+    ``ptrs``/``nbytes``: the tensors' addresses and sizes when the caller keeps them."""
+    parts = [(None, ts)] if groups is None else groups
+    out = np.zeros(len(ts), dtype=np.uint64)
+    for sel, group in parts:
+        if not group:
+            continue
+        gp = ptrs if sel is None or ptrs is None else ptrs[sel]
+        gn = nbytes if sel is None or nbytes is None else nbytes[sel]
+        t0 = group[0]
+        if not t0.is_cpu and (device_of(t0) is None or device_unavailable(t0) is not None):
+            group, gp, gn = [t.cpu() for t in group], None, None
+        kern = for_tensors(group)
+        if sel is None:
+            return kern.tree64_many(group, ptrs=gp, nbytes=gn)
+        out[sel] = kern.tree64_many(group, ptrs=gp, nbytes=gn)
+    return out
 
 
 def for_space(sp):

@@ -469,14 +469,7 @@ def tree64_many(tensors: list[torch.Tensor], ptrs: np.ndarray | None = None,
     dev = tensors[0].device
     if dev.type != "cuda" or any(t.device != dev for t in tensors):
         raise KernelError(-1, "tree64_many: the tensors must all be on one CUDA device")
-    keep = tensors
-    if ptrs is None or nbytes is None or len(ptrs) != count or len(nbytes) != count:
-        if not all(t.is_contiguous() for t in tensors):
-            keep = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-        ptrs = np.fromiter((t.data_ptr() for t in keep), dtype=np.uint64, count=count)
-        nbytes = np.array([t.nbytes for t in keep], dtype=np.uint64)
-    ptrs = np.ascontiguousarray(ptrs, dtype=np.uint64)
-    lens = np.ascontiguousarray(nbytes, dtype=np.uint64)
+    keep, ptrs, lens = _native.tree64_many_args(tensors, ptrs, nbytes)
     if ((lens > 0) & (ptrs == 0)).any():
         raise KernelError(-1, "ss2_cuda_tree64_many: bad argument (code -1)")
     nl = np.where(lens == 0, np.uint64(1), (lens + np.uint64(4095)) // np.uint64(4096)).astype(np.uint64)

@@ -12,24 +12,38 @@ from sparsesync.session import Receiver, Sender
 from test_session import TOKEN, clone, make_state, receivers, step_state  # noqa: F401 (fixture)
 
 
-class OldReceiver(Receiver):
-    """A receiver as released before format 2: its WELCOME lists no formats, and it refuses format-2 buckets."""
+def receiver_reading(formats: list[int] | None, doc: str) -> type:
+    """A Receiver class that announces ``formats`` in its WELCOME (None: no "formats" at all, as before format 2) and
+    refuses buckets of any other format."""
+    readable = formats or [1]
 
-    def _info(self) -> dict:
-        info = super()._info()
-        info.pop("formats")
-        return info
+    class Limited(Receiver):
+        def _info(self) -> dict:
+            info = super()._info()
+            if formats is None:
+                info.pop("formats")
+            else:
+                info["formats"] = list(formats)
+            return info
 
-    def _stager(self, old):
-        dec = super()._stager(old)
-        stage = Decoder._stage
+        def _stager(self, old):
+            dec = super()._stager(old)
+            stage = Decoder._stage
 
-        def only_format1(bucket, owned, _dec=dec):
-            if peek_version(bucket) != 1:
-                raise ss.CorruptPayload("unsupported format version (this receiver reads format 1 only)")
-            return stage(_dec, bucket, owned)
-        dec._stage = only_format1
-        return dec
+            def only(bucket, owned, _dec=dec):
+                if peek_version(bucket) not in readable:
+                    raise ss.CorruptPayload(f"unsupported format version (this receiver reads format {readable})")
+                return stage(_dec, bucket, owned)
+            dec._stage = only
+            return dec
+    Limited.__doc__ = doc
+    return Limited
+
+
+OldReceiver = receiver_reading(None, "A receiver as released before format 2: its WELCOME lists no formats, and it "
+                                     "refuses format-2 buckets.")
+Format2OnlyReceiver = receiver_reading([2], "A receiver that reads format 2 only, as one whose weights are on a GPU "
+                                            "(Decoder.formats == (2,)).")
 
 
 def formats_sent(sender: Sender) -> set:
@@ -104,26 +118,6 @@ def test_an_old_receiver_joining_later_gets_a_full_update_in_format_1(receivers,
         assert new_r.digest() == old_r.digest() == ss.state_digest(nxt)
     finally:
         s2.close()
-
-
-class Format2OnlyReceiver(Receiver):
-    """A receiver that reads format 2 only, as one whose weights are on a GPU (Decoder.formats == (2,))."""
-
-    def _info(self) -> dict:
-        info = super()._info()
-        info["formats"] = [2]
-        return info
-
-    def _stager(self, old):
-        dec = super()._stager(old)
-        stage = Decoder._stage
-
-        def only_format2(bucket, owned, _dec=dec):
-            if peek_version(bucket) != 2:
-                raise ss.CorruptPayload("this receiver reads format 2 only")
-            return stage(_dec, bucket, owned)
-        dec._stage = only_format2
-        return dec
 
 
 def test_a_format_2_only_receiver_next_to_an_old_one_gets_a_full_update_in_format_2(old_receivers):
